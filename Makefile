@@ -1,0 +1,52 @@
+# Two entry points (README): `make demo` runs the main job, `make test` runs the whole suite.
+# Both create .venv on first use. The CPU wheel of torch is pinned so that no multi-GB CUDA build
+# is pulled on a CPU machine; see README "GPU install" for CUDA machines.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.locore-deps
+
+TORCH_SPEC  ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.6.0
+
+.PHONY: venv build demo test test-gpu bench bench-cpu clean
+
+$(STAMP): setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel pybind11 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP) install "$(TORCH_SPEC)" "$(TRITON_SPEC)" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP) install numpy safetensors h5py tqdm matplotlib psutil \
+	    pytest pytest-benchmark hypothesis transformers 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import torch, triton, transformers, pybind11, h5py, safetensors"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Editable install; setuptools rebuilds the extension whenever a csrc/ source is newer than the .so.
+build: $(STAMP)
+	$(PIP) install --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import locore_kernels._cpu"
+
+clean:
+	rm -rf build *.egg-info python/*.egg-info locore_kernels/_cpu*.so
+
+demo: $(STAMP)
+	@$(PY) -c "import locore_kernels._cpu" 2>/dev/null || $(MAKE) --no-print-directory build
+	$(VENV)/bin/locore demo
+
+# The test command builds the extension from clean so a stale .so can never hide a broken build.
+test: $(STAMP)
+	$(MAKE) --no-print-directory clean build
+	$(PY) -m pytest -q tests
+
+test-gpu: $(STAMP) build
+	$(PY) -m pytest -q tests -m gpu
+
+bench: $(STAMP) build
+	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_attention.py
+
+bench-cpu: $(STAMP) build
+	$(PY) benchmarks/bench_model.py --cpu
+	$(PY) benchmarks/bench_attention.py --cpu

@@ -1,0 +1,103 @@
+"""The per-sequence attention layout: built once per forward, shared by every layer and backend.
+
+LoCoRE's masks are the same in every layer, so everything derived from them (the compact list of
+global tokens, which keys may sit in the band) is computed once here and reused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Masks and derived index tensors for one batch of sequences (all on the tensors' device).
+
+    is_global:        [B, N] bool  - token attends everywhere with the global projections
+    key_padding:      [B, N] bool  - True = padding: never attended to, output exactly 0
+    band_key:         [B, N] bool  - valid and not global: may be attended to inside the band
+    global_idx:       [B, G] int32 - positions of the global tokens of each item, ascending, then
+                                     filled with 0 beyond ``num_global[b]`` (G = max over the batch)
+    num_global:       [B]    int32 - number of global tokens per item
+    max_global:       int          - G (python int, so kernels can size grids without a sync)
+    one_sided_window: int          - w: non-global rows see band keys j with |i - j| <= w
+    """
+
+    is_global: Tensor
+    key_padding: Tensor
+    band_key: Tensor
+    global_idx: Tensor
+    num_global: Tensor
+    max_global: int
+    one_sided_window: int
+
+    @property
+    def batch(self) -> int:
+        return self.is_global.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.is_global.shape[1]
+
+    def gather_global(self, x: Tensor) -> Tensor:
+        """Rows of ``x`` [B, N, ...] at the global tokens -> [B, G, ...] (rows past num_global: garbage)."""
+        idx = self.global_idx.long()
+        idx = idx.view(idx.shape + (1,) * (x.dim() - 2)).expand((-1, -1) + x.shape[2:])
+        return torch.gather(x, 1, idx)
+
+
+def check_window(one_sided_window: int) -> int:
+    if isinstance(one_sided_window, bool) or not isinstance(one_sided_window, int):
+        raise ValueError(f"one_sided_window must be a positive int, got {one_sided_window!r}")
+    if one_sided_window < 1:
+        raise ValueError(f"one_sided_window must be >= 1, got {one_sided_window}")
+    return one_sided_window
+
+
+def build_layout(is_global: Tensor, key_padding: Tensor, one_sided_window: int) -> AttentionLayout:
+    """Validate the masks and derive the layout. One host sync (for G); call once per forward."""
+    check_window(one_sided_window)
+    for name, m in (("is_global", is_global), ("key_padding", key_padding)):
+        if not isinstance(m, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(m).__name__}")
+        if m.dtype != torch.bool:
+            raise ValueError(f"{name} must be a bool tensor, got dtype {m.dtype}")
+        if m.dim() != 2:
+            raise ValueError(f"{name} must have shape [B, N], got {tuple(m.shape)}")
+    if is_global.shape != key_padding.shape:
+        raise ValueError(f"is_global {tuple(is_global.shape)} and key_padding {tuple(key_padding.shape)} differ in shape")
+    if is_global.device != key_padding.device:
+        raise ValueError(f"is_global is on {is_global.device} but key_padding on {key_padding.device}")
+    if bool((is_global & key_padding).any()):
+        raise ValueError("a padded token cannot be global: is_global & key_padding must be all False")
+
+    B, N = is_global.shape
+    num_global = is_global.sum(dim=1, dtype=torch.int32)
+    max_global = int(num_global.max()) if B > 0 else 0
+    # Stable sort puts global positions first, in ascending order.
+    order = torch.argsort((~is_global).to(torch.int8), dim=1, stable=True)
+    global_idx = order[:, :max_global].to(torch.int32)
+    keep = torch.arange(max_global, device=is_global.device)[None, :] < num_global[:, None]
+    global_idx = torch.where(keep, global_idx, torch.zeros_like(global_idx)).contiguous()
+    return AttentionLayout(
+        is_global=is_global.contiguous(),
+        key_padding=key_padding.contiguous(),
+        band_key=(~key_padding & ~is_global).contiguous(),
+        global_idx=global_idx,
+        num_global=num_global.contiguous(),
+        max_global=max_global,
+        one_sided_window=one_sided_window,
+    )
+
+
+def scatter_global(layout: AttentionLayout, x_gathered: Tensor) -> Tensor:
+    """Inverse of ``gather_global``: [B, G, ...] -> [B, N, ...], zeros at non-global rows."""
+    B, N = layout.is_global.shape
+    out = x_gathered.new_zeros((B, N) + tuple(x_gathered.shape[2:]))
+    G = layout.max_global
+    rows = torch.arange(G, device=x_gathered.device)[None, :] < layout.num_global[:, None]  # [B, G]
+    b_idx = torch.arange(B, device=x_gathered.device)[:, None].expand(B, G)
+    out[b_idx[rows], layout.global_idx.long()[rows]] = x_gathered[rows]
+    return out
