@@ -124,9 +124,25 @@ class EncoderLayer(nn.Module):
         self.ln2 = nn.LayerNorm(H, eps=eps)
         self.ffn_chunk_rows = 1024  # on CPU the FFN runs in row chunks: a [1024, I] intermediate, not [N, I]
 
+    def project(self, x: Tensor) -> list[Tensor]:
+        """q, k, v, k_global, v_global of every token, each [B, N, heads, head_dim].
+
+        CUDA: one [H -> 5H] GEMM, the five are strided views of it (the Triton kernel takes strides).
+        CPU: the same weight, written block by block into one [5, B, N, H] buffer, so the five come out
+        contiguous and the C++ kernel reads them without copies.
+        """
+        B, N, H = x.shape
+        if x.is_cuda:
+            return list(F.linear(x, self.qkv.weight, self.qkv.bias).view(B, N, 5, self.heads, -1).unbind(2))
+        out = x.new_empty(5, B * N, H)
+        x2 = x.reshape(B * N, H)
+        for i in range(5):
+            torch.addmm(self.qkv.bias[i * H:(i + 1) * H], x2, self.qkv.weight[i * H:(i + 1) * H].T, out=out[i])
+        return list(out.view(5, B, N, self.heads, -1).unbind(0))
+
     def forward(self, x: Tensor, layout: AttentionLayout, attend: AttentionFn) -> Tensor:
         B, N, H = x.shape
-        q, k, v, kg, vg = F.linear(x, self.qkv.weight, self.qkv.bias).view(B, N, 5, self.heads, -1).unbind(2)
+        q, k, v, kg, vg = self.project(x)
         qg = F.linear(layout.gather_global(x), self.query_global.weight, self.query_global.bias)
         a = attend(q, k, v, qg.view(B, -1, self.heads, H // self.heads), kg, vg, layout)
         return self.feed_forward(self.post_attention(a.reshape(B, N, H), x))
