@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -117,17 +118,22 @@ def _read_safetensors(path: str) -> TensorSource:
 def _read_torch(path: str) -> TensorSource:
     """torch.load with weights_only=True: a file that needs arbitrary pickle code is refused, never run."""
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # pickle-protocol notices for plain pickles: the refusal says enough
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's text suggests weights_only=False; keep only the reason (the global or opcode refused).
+        text = " ".join(str(e).split())
+        reason = re.search(r"WeightsUnpickler error:\s*(.*?)(?: Please use| Check the documentation|$)", text)
         raise CheckpointError(
-            f"{path}: refused to load: the file needs arbitrary pickle code, which torch.load(weights_only=True) "
-            f"does not run ({first}). Re-save the state dict as safetensors, or as a plain dict of tensors.") from None
+            f"{path}: refused to load: the file needs arbitrary pickle code, which is never run "
+            f"(torch.load(weights_only=True): {reason.group(1).strip() if reason else type(e).__name__}). "
+            "Re-save the weights as safetensors, or as a plain dict of tensors.") from None
     except Exception as e:  # noqa: BLE001 - any other reason the file is not a torch checkpoint
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
     # Training frameworks often nest the weights one level down.
