@@ -1,5 +1,13 @@
 // pybind11 module locore_kernels._cpu: the CPU backend of the Longformer attention op.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "attention.h"
 
 #if LOCORE_OPENMP
 #include <omp.h>
@@ -15,8 +23,94 @@ static int openmp_max_threads() {
 #endif
 }
 
+namespace {
+
+std::string shape_str(const std::vector<py::ssize_t>& s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + (s.size() == 1 ? ",)" : ")");
+}
+
+// Checks dtype T, C-contiguity and the exact shape; returns the data pointer (no copy is ever made).
+template <typename T>
+const T* checked(const py::array& arr, const char* name, const std::vector<py::ssize_t>& shape,
+                 const char* dtype_name) {
+  if (!py::isinstance<py::array_t<T>>(arr))
+    throw std::invalid_argument(std::string(name) + " must be a " + dtype_name + " array, got dtype " +
+                                std::string(py::str(arr.dtype())));
+  std::vector<py::ssize_t> got(arr.shape(), arr.shape() + arr.ndim());
+  if (got != shape)
+    throw std::invalid_argument(std::string(name) + " has shape " + shape_str(got) + ", expected " +
+                                shape_str(shape));
+  if (!(arr.flags() & py::array::c_style))
+    throw std::invalid_argument(std::string(name) + " must be C-contiguous");
+  return static_cast<const T*>(arr.data());
+}
+
+py::ssize_t dim(const py::array& a, int i, const char* name, int ndim) {
+  if (a.ndim() != ndim)
+    throw std::invalid_argument(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got " +
+                                std::to_string(a.ndim()));
+  return a.shape(i);
+}
+
+void attention_fp32(const py::array& q, const py::array& k, const py::array& v, const py::array& q_global,
+                    const py::array& k_global, const py::array& v_global, py::array out,
+                    const py::array& global_idx, const py::array& num_global, const py::array& band_key,
+                    const py::array& key_padding, const py::array& is_global, int64_t one_sided_window,
+                    int num_threads) {
+  locore::AttentionArgs a;
+  a.B = dim(q, 0, "q", 4);
+  a.N = q.shape(1);
+  a.H = q.shape(2);
+  a.D = q.shape(3);
+  a.G = dim(q_global, 1, "q_global", 4);
+  const std::vector<py::ssize_t> bnhd{a.B, a.N, a.H, a.D}, bghd{a.B, a.G, a.H, a.D}, bn{a.B, a.N};
+  a.q = checked<float>(q, "q", bnhd, "float32");
+  a.k = checked<float>(k, "k", bnhd, "float32");
+  a.v = checked<float>(v, "v", bnhd, "float32");
+  a.qg = checked<float>(q_global, "q_global", bghd, "float32");
+  a.kg = checked<float>(k_global, "k_global", bnhd, "float32");
+  a.vg = checked<float>(v_global, "v_global", bnhd, "float32");
+  checked<float>(out, "out", bnhd, "float32");
+  if (!out.writeable()) throw std::invalid_argument("out must be writeable");
+  a.out = static_cast<float*>(out.mutable_data());
+  a.global_idx = checked<int32_t>(global_idx, "global_idx", {a.B, a.G}, "int32");
+  a.num_global = checked<int32_t>(num_global, "num_global", {a.B}, "int32");
+  a.band_key = checked<uint8_t>(band_key, "band_key", bn, "uint8");
+  a.key_padding = checked<uint8_t>(key_padding, "key_padding", bn, "uint8");
+  a.is_global = checked<uint8_t>(is_global, "is_global", bn, "uint8");
+  a.window = one_sided_window;
+  a.num_threads = num_threads;
+  const size_t out_bytes = size_t(a.B * a.N * a.H * a.D) * sizeof(float);
+  const size_t qg_bytes = size_t(a.B * a.G * a.H * a.D) * sizeof(float);
+  const std::pair<const float*, size_t> ins[] = {{a.q, out_bytes},  {a.k, out_bytes},  {a.v, out_bytes},
+                                                 {a.qg, qg_bytes},  {a.kg, out_bytes}, {a.vg, out_bytes}};
+  const char* o = reinterpret_cast<const char*>(a.out);
+  for (const auto& in : ins) {  // the kernel reads inputs after writing rows of out: no aliasing allowed
+    const char* p = reinterpret_cast<const char*>(in.first);
+    if (out_bytes && in.second && p < o + out_bytes && o < p + in.second)
+      throw std::invalid_argument("out must not overlap an input");
+  }
+  py::gil_scoped_release release;
+  locore::longformer_attention_fp32(a);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "LoCoRE CPU kernels (C++17, OpenMP)";
   m.def("openmp_enabled", []() { return bool(LOCORE_OPENMP); }, "True if built with OpenMP");
   m.def("max_threads", &openmp_max_threads, "OpenMP threads a parallel region would use");
+  m.def("simd_level", &locore::simd_level, "inner loops compiled in: 'avx2+fma' or 'scalar'");
+  m.def("query_block_rows", &locore::query_block_rows, "query rows per block of the attention kernel");
+  m.def("key_chunk", &locore::key_chunk, "keys per online-softmax chunk of the attention kernel");
+  m.def("longformer_attention_fp32", &attention_fp32,
+        "Longformer sliding-window + global attention, fp32, into `out` (all arrays C-contiguous).\n"
+        "q, k, v, k_global, v_global, out: float32 [B, N, H, D]; q_global: float32 [B, G, H, D] (gathered\n"
+        "global queries); global_idx int32 [B, G]; num_global int32 [B]; band_key, key_padding, is_global\n"
+        "uint8 [B, N]. Scores are scaled by 1/sqrt(D). Releases the GIL while computing.",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_global"), py::arg("k_global"), py::arg("v_global"),
+        py::arg("out"), py::arg("global_idx"), py::arg("num_global"), py::arg("band_key"),
+        py::arg("key_padding"), py::arg("is_global"), py::arg("one_sided_window"), py::arg("num_threads") = 0);
 }
