@@ -129,6 +129,15 @@ def _format_table(metrics: dict, protocol: str) -> str:
 
 def execute_rerank(args: argparse.Namespace, model=None, log: Callable[[str], None] = print) -> RerankReport:
     """The body of ``locore rerank``; ``model`` skips loading one (the demo passes its own)."""
+    opened: list = []
+    try:
+        return _execute_rerank(args, model, log, opened)
+    finally:
+        for reader in opened:
+            reader.close()
+
+
+def _execute_rerank(args, model, log, opened: list) -> RerankReport:
     report = RerankReport(method=_method(args))
     method = report.method
     use_global = not args.no_global
@@ -136,7 +145,9 @@ def execute_rerank(args: argparse.Namespace, model=None, log: Callable[[str], No
 
     # --- files: open lazily, check consistency before loading anything big -----------------------
     q_local = LocalFeatures(files.query_local, args.descriptors)
+    opened.append(q_local)
     g_local = LocalFeatures(files.gallery_local, args.descriptors)
+    opened.append(g_local)
     if q_local.dim != g_local.dim:
         raise DataError(f"query descriptors have D={q_local.dim} ({files.query_local}) but gallery descriptors "
                         f"D={g_local.dim} ({files.gallery_local})")
@@ -233,7 +244,7 @@ def execute_rerank(args: argparse.Namespace, model=None, log: Callable[[str], No
         log(_format_table(metrics, protocol))
 
     total_q = sum(s.queries for s in report.stats.values())
-    total_s = sum(s.seconds for s in report.stats.values())
+    total_s = max(sum(s.seconds for s in report.stats.values()), 1e-9)
     total_p = sum(s.forward_passes for s in report.stats.values())
     log(f"throughput: {total_q / total_s:.2f} queries/s, {total_p / total_s:.2f} forward passes/s "
         f"(batch size {batch_size}, {total_p} passes over {len(runs)} run(s), {total_s:.2f} s)")

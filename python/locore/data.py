@@ -263,7 +263,7 @@ class LocalFeatures:
         if not 1 <= S <= self.slots:
             self._file.close()
             raise DataError(f"{self.path}: asked for {S} descriptors per image but the file stores "
-                            f"{self.slots} slots")
+                            f"{self.slots} slots (use at most {self.slots})")
         self.num_descriptors = S
 
     def __len__(self) -> int:

@@ -241,12 +241,14 @@ class DatasetReranker:
     gallery_mask, query_global=None, gallery_global=None, mode=..., softmax=...) -> [B, K]``.
     Readers come from :mod:`locore.data`; pass ``query_global=None`` to run without global tokens.
     ``batch_size`` queries go through the model together: their windows (same shape, since all use the
-    same L, W, S) are stacked into one forward pass. Descriptors of the next batch are read in a
+    same L, W, S) are stacked into one forward pass. ``cuda_graph`` replays one captured CUDA graph
+    per window shape (``model.score(..., cuda_graph=True)``). Descriptors of the next batch are read in a
     background thread while the current one is scored.
     """
 
     def __init__(self, model, query_local, gallery_local, query_global=None, gallery_global=None, *,
-                 alpha: float, temp: float, mode: str = "max-end", softmax: bool = False, batch_size: int = 1):
+                 alpha: float, temp: float, mode: str = "max-end", softmax: bool = False, batch_size: int = 1,
+                 cuda_graph: bool = False):
         if (query_global is None) != (gallery_global is None):
             raise SettingsError("give both query and gallery global descriptors, or neither")
         if batch_size < 1:
@@ -257,6 +259,9 @@ class DatasetReranker:
         self.alpha, self.temp, self.mode, self.softmax = float(alpha), float(temp), mode, bool(softmax)
         self.batch_size = int(batch_size)
         self.device = _model_device(model)
+        self.cuda_graph = bool(cuda_graph)
+        if self.cuda_graph and getattr(self.device, "type", "") != "cuda":
+            raise SettingsError("CUDA graphs need a model on a CUDA device")
         self.tokens = tokens_per_image(query_local.num_descriptors, query_global is not None)
 
     # -- descriptors ---------------------------------------------------------------------------------
@@ -290,7 +295,8 @@ class DatasetReranker:
                 out = self.model.score(chunk.q_local, chunk.q_scales, chunk.q_mask,
                                        chunk.g_local[rows, c], chunk.g_scales[rows, c], chunk.g_mask[rows, c],
                                        query_global=chunk.q_global, gallery_global=gg,
-                                       mode=self.mode, softmax=self.softmax)
+                                       mode=self.mode, softmax=self.softmax,
+                                       **({"cuda_graph": True} if self.cuda_graph else {}))
             out = out.detach().to("cpu", torch.float64).numpy()
             stats.model_seconds += time.perf_counter() - t0  # .to("cpu") synchronises
             stats.forward_passes += 1
