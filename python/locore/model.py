@@ -445,16 +445,18 @@ class LoCoRe(nn.Module):
         return F.linear(x, self.classifier.weight, self.classifier.bias)
 
     @staticmethod
-    def score_columns(mode: str, T: int) -> list[int]:
+    def score_columns(mode: str, T: int) -> range:
         """Token columns of a gallery block that a score mode reads (the [SEP] column T-1 never)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        return {"max-start": [0], "max-end": [T - 2]}.get(mode, list(range(T - 1)))
+        return {"max-start": range(0, 1), "max-end": range(T - 2, T - 1)}.get(mode, range(0, T - 1))
 
     def _scores(self, batch: Batch, layout: AttentionLayout, mode: str, softmax: bool) -> Tensor:
         K, T = batch.K, batch.T
-        cols = torch.tensor(self.score_columns(mode, T), device=self.device)
-        rows = ((torch.arange(1, K + 1, device=self.device)[:, None] * T) + cols).reshape(-1)
+        cols = self.score_columns(mode, T)
+        # positions of the read tokens, built on the device (no host copy: this runs inside CUDA graph captures)
+        rows = (torch.arange(1, K + 1, device=self.device)[:, None] * T
+                + torch.arange(cols.start, cols.stop, device=self.device)).reshape(-1)
         prune = self.prune_last_layer and 4 * len(rows) <= batch.N  # max-start / max-end
         logits = self.encode(self.embed(batch), layout, rows if prune else None)
         if not prune:
