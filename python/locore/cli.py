@@ -7,6 +7,7 @@ benchmarks; ``locore demo`` runs the whole pipeline on a generated problem.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -109,8 +110,8 @@ def _method(args) -> Any:
 
 
 def _ranks_path(out: str, run: str, first: bool) -> str:
-    base = out[:-4] if out.endswith(".npy") else out
-    return f"{base}.npy" if first else f"{base}_{run}.npy"
+    """RANKS.npy for the first run, RANKS_{run}.npy for the next (``out`` ends with .npy)."""
+    return out if first else f"{out[:-4]}_{run}.npy"
 
 
 def _format_table(metrics: dict, protocol: str) -> str:
@@ -252,9 +253,7 @@ def _execute_rerank(args, model, log, opened: list) -> RerankReport:
     summary = {
         "command": "rerank", "protocol": protocol, "data": os.path.abspath(args.data), "desc": args.desc,
         "nn": files.nn, "gnd": files.gnd, "checkpoint": args.checkpoint, "random_weights": report.random_weights,
-        "method": {"kind": "topk", "k": method.k} if isinstance(method, TopK) else
-                  {"kind": "sliding", "order": method.order, "shortlist": method.shortlist,
-                   "window": method.window, "stride": method.stride},
+        "method": {"kind": "topk" if isinstance(method, TopK) else "sliding", **dataclasses.asdict(method)},
         "alpha": args.alpha, "temp": args.temp, "mode": args.mode, "softmax": args.softmax,
         "descriptors": q_local.num_descriptors, "global": use_global, "device": str(model.device),
         "dtype": str(model.dtype).replace("torch.", ""), "batch_size": batch_size,
