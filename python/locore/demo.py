@@ -210,7 +210,8 @@ def run_demo(args: argparse.Namespace) -> int:
         B = args.batch_size or (8 if model.device.type == "cuda" else 1)
         per = np.median(stats.per_chunk_seconds) / min(B, stats.queries) * 1e3
         passes = stats.forward_passes / max(1, len(stats.per_chunk_seconds))
-        print(f"latency per shortlist of {L}: {per:.1f} ms median ({passes:.0f} forward passes of "
+        print(f"latency per shortlist of {L}: {per:.1f} ms median ({passes:.0f} forward pass"
+              f"{'es' if round(passes) != 1 else ''} of "
               f"{report.method.window if args.sliding else L} images{f', {B} queries per pass' if B > 1 else ''}; "
               f"{model.device}, {str(model.dtype).replace('torch.', '')})")
         print(f"peak memory: {_peak_memory(model.device)}")
