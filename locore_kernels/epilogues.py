@@ -1,10 +1,12 @@
 """Fused GEMM epilogues: ``gelu(y + bias)`` and ``LayerNorm(y + bias + residual)``.
 
-``y`` is the output of a bias-free matmul; the epilogue reads it once and writes the result once,
-instead of the three or four passes of separate PyTorch ops. Each op has a Triton kernel (CUDA
-tensors, or CPU tensors under ``TRITON_INTERPRET=1``) and a PyTorch fallback that defines it;
-``backend=None`` picks Triton for CUDA tensors and PyTorch otherwise. Math in fp32 (fp64 stays
-fp64 on the PyTorch path), result in ``y``'s dtype. No model knowledge lives here.
+``y`` is the output of a bias-free matmul and is consumed: the Triton kernels read each row once and
+write the result over it (no new allocation), instead of the three or four passes of separate
+PyTorch ops; the PyTorch fallback, which defines the ops, also works in place where it can
+(LayerNorm's output is a new tensor). Always use the returned tensor. Each op has a Triton kernel
+(CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``backend=None`` picks Triton for CUDA
+tensors and PyTorch otherwise. Math in fp32 (fp64 stays fp64 on the PyTorch path), result in
+``y``'s dtype. No model knowledge lives here.
 
 Triton is imported only where a kernel can run (CUDA visible, or the interpreter on), so CPU-only
 processes never pay for importing it.
@@ -35,18 +37,18 @@ except ImportError:  # pragma: no cover - a CUDA machine without triton: PyTorch
 
 if _TRITON:
     @triton.jit
-    def _bias_gelu_kernel(Y, Bias, Out, n_cols, stride_y, stride_o, BLOCK: tl.constexpr):
+    def _bias_gelu_kernel(Y, Bias, n_cols, stride_y, BLOCK: tl.constexpr):  # in place on Y
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         m = offs < n_cols
         x = tl.load(Y + row * stride_y + offs, mask=m, other=0.0).to(tl.float32)
         x += tl.load(Bias + offs, mask=m, other=0.0).to(tl.float32)
         out = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))  # exact (erf) GELU
-        tl.store(Out + row * stride_o + offs, out.to(Out.dtype.element_ty), mask=m)
+        tl.store(Y + row * stride_y + offs, out.to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _bias_residual_layernorm_kernel(Y, Bias, Res, W, B, Out, n_cols, stride_y, stride_r, stride_o, eps,
-                                        BLOCK: tl.constexpr):
+    def _bias_residual_layernorm_kernel(Y, Bias, Res, W, B, n_cols, stride_y, stride_r, eps,
+                                        BLOCK: tl.constexpr):  # in place on Y: the row is loaded before the store
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         m = offs < n_cols
@@ -59,7 +61,7 @@ if _TRITON:
         out = xc * (1.0 / tl.sqrt(var + eps))
         out = out * tl.load(W + offs, mask=m, other=0.0).to(tl.float32) \
             + tl.load(B + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(Out + row * stride_o + offs, out.to(Out.dtype.element_ty), mask=m)
+        tl.store(Y + row * stride_y + offs, out.to(Y.dtype.element_ty), mask=m)
 
 
 def _use_triton(backend: Optional[str], *tensors: Tensor) -> bool:
@@ -81,26 +83,25 @@ def _rows(x: Tensor, n: int) -> Tensor:
 
 
 def bias_gelu(y: Tensor, bias: Tensor, *, backend: Optional[str] = None) -> Tensor:
-    """gelu(y + bias) with the exact erf GELU; y [..., n], bias [n]."""
+    """gelu(y + bias) with the exact erf GELU; y [..., n] (consumed), bias [n]."""
     n = y.shape[-1]
     if bias.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     if not _use_triton(backend, y, bias):
         if y.dtype in (torch.float16, torch.bfloat16):
             return F.gelu(y.float() + bias.float()).to(y.dtype)
-        return F.gelu(y + bias)
+        return torch.ops.aten.gelu_(y.add_(bias))
     y2 = _rows(y, n)
-    out = torch.empty((y2.shape[0], n), dtype=y.dtype, device=y.device)
     if y2.shape[0]:
         block = min(1024, triton.next_power_of_2(n))
         _bias_gelu_kernel[(y2.shape[0], triton.cdiv(n, block))](
-            y2, bias.contiguous(), out, n, y2.stride(0), out.stride(0), BLOCK=block)
-    return out.view(y.shape)
+            y2, bias.contiguous(), n, y2.stride(0), BLOCK=block)
+    return y2.view(y.shape)
 
 
 def bias_residual_layernorm(y: Tensor, bias: Tensor, residual: Tensor, weight: Tensor, ln_bias: Tensor,
                             eps: float, *, backend: Optional[str] = None) -> Tensor:
-    """LayerNorm(y + bias + residual) * weight + ln_bias over the last dim; y, residual [..., n]."""
+    """LayerNorm(y + bias + residual) * weight + ln_bias over the last dim; y (consumed), residual [..., n]."""
     n = y.shape[-1]
     if residual.shape != y.shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} differs from y {tuple(y.shape)}")
@@ -111,13 +112,12 @@ def bias_residual_layernorm(y: Tensor, bias: Tensor, residual: Tensor, weight: T
         if y.dtype in (torch.float16, torch.bfloat16):
             x = y.float() + bias.float() + residual.float()
             return F.layer_norm(x, (n,), weight.float(), ln_bias.float(), eps).to(y.dtype)
-        return F.layer_norm(torch.add(y, residual).add_(bias), (n,), weight, ln_bias, eps)
+        return F.layer_norm(y.add_(residual).add_(bias), (n,), weight, ln_bias, eps)
     y2, r2 = _rows(y, n), _rows(residual, n)
-    out = torch.empty((y2.shape[0], n), dtype=y.dtype, device=y.device)
     if y2.shape[0]:
         block = triton.next_power_of_2(n)
         _bias_residual_layernorm_kernel[(y2.shape[0],)](
-            y2, bias.contiguous(), r2, weight.contiguous(), ln_bias.contiguous(), out, n,
-            y2.stride(0), r2.stride(0), out.stride(0), float(eps), BLOCK=block,
+            y2, bias.contiguous(), r2, weight.contiguous(), ln_bias.contiguous(), n,
+            y2.stride(0), r2.stride(0), float(eps), BLOCK=block,
             num_warps=4 if block <= 2048 else 8)
-    return out.view(y.shape)
+    return y2.view(y.shape)

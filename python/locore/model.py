@@ -102,8 +102,9 @@ def rows_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, layout: Attent
     pos = torch.arange(N, device=q.device)
     in_band = (rows[:, None] - pos[None, :]).abs() <= layout.one_sided_window                   # [R, N]
     allowed = (in_band[None] & layout.band_key[:, None, :]) | layout.is_global[:, None, :]      # [B, R, N]
-    s = torch.einsum("brhd,bnhd->bhrn", q.to(cdt), k.to(cdt)) * D ** -0.5
-    p = torch.softmax(s.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+    s = torch.einsum("brhd,bnhd->bhrn", q.to(cdt), k.to(cdt)).mul_(D ** -0.5)
+    p = torch.softmax(s.masked_fill_(~allowed[:, None], float("-inf")), dim=-1)
+    del s
     out = torch.einsum("bhrn,bnhd->brhd", p, v.to(cdt))
     return out.masked_fill(layout.key_padding[:, rows, None, None], 0.0).to(q.dtype)
 
@@ -145,7 +146,10 @@ class EncoderLayer(nn.Module):
         q, k, v, kg, vg = self.project(x)
         qg = F.linear(layout.gather_global(x), self.query_global.weight, self.query_global.bias)
         a = attend(q, k, v, qg.view(B, -1, self.heads, H // self.heads), kg, vg, layout)
-        return self.feed_forward(self.post_attention(a.reshape(B, N, H), x))
+        del q, k, v, kg, vg, qg  # the [5, B, N, H] projections are dead: free them before the FFN
+        h1 = self.post_attention(a.reshape(B, N, H), x)
+        del a
+        return self.feed_forward(h1)
 
     def forward_rows(self, x: Tensor, layout: AttentionLayout, rows: Tensor) -> Tensor:
         """Hidden states of ``rows`` only (non-global tokens): the last layer of a score that reads only them."""
@@ -162,18 +166,16 @@ class EncoderLayer(nn.Module):
                                        self.ln1.weight, self.ln1.bias, self.ln1.eps)
 
     def feed_forward(self, h: Tensor) -> Tensor:
-        def ffn(h: Tensor) -> Tensor:
-            u = bias_gelu(F.linear(h, self.ff1.weight), self.ff1.bias)
-            return bias_residual_layernorm(F.linear(u, self.ff2.weight), self.ff2.bias, h,
-                                           self.ln2.weight, self.ln2.bias, self.ln2.eps)
-
+        """LayerNorm(W_2 gelu(W_1 h + b_1) + b_2 + h). On CPU the [rows, I] intermediate is built in
+        chunks of ``ffn_chunk_rows`` rows (memory); W_2 writes each chunk straight into one output."""
         rows = h.reshape(-1, h.shape[-1])
-        if h.is_cuda or rows.shape[0] <= self.ffn_chunk_rows:
-            return ffn(h)
-        out = torch.empty_like(rows)
-        for s in range(0, rows.shape[0], self.ffn_chunk_rows):
-            out[s:s + self.ffn_chunk_rows] = ffn(rows[s:s + self.ffn_chunk_rows])
-        return out.view(h.shape)
+        y = torch.empty_like(rows)
+        step = max(rows.shape[0], 1) if h.is_cuda else self.ffn_chunk_rows
+        for s in range(0, rows.shape[0], step):
+            u = bias_gelu(F.linear(rows[s:s + step], self.ff1.weight), self.ff1.bias)
+            torch.mm(u, self.ff2.weight.T, out=y[s:s + step])
+        return bias_residual_layernorm(y, self.ff2.bias, rows, self.ln2.weight, self.ln2.bias,
+                                       self.ln2.eps).view(h.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,20 +407,24 @@ class LoCoRe(nn.Module):
 
     def embed(self, batch: Batch) -> Tensor:
         """LayerNorm(token + position[2 + index] + token_type[0]) for [global] locals [SEP] per image (SPEC 2)."""
+        cfg = self.config
         B, I, S, _ = batch.local.shape
-        H = self.config.hidden
-        tok = self.local_to_lm(batch.local)
-        if self.config.l2_normalize:
-            tok = F.normalize(tok, dim=-1)
-        parts = [tok + self.scale_embedding[batch.scales], self.sep_embedding.expand(B, I, 1, H)]
+        H, T, first = cfg.hidden, batch.T, int(batch.glob is not None)
+        x = batch.local.new_empty(B, I, T, H)  # filled in place: one [B, N, H] buffer, few temporaries
         if batch.glob is not None:
-            g = self.global_to_lm(batch.glob)
-            if self.config.l2_normalize:
-                g = F.normalize(g, dim=-1)
-            parts.insert(0, g[:, :, None])
-        x = torch.cat(parts, dim=2).reshape(B, batch.N, H)
-        x = x + (self.position_embeddings[2:2 + batch.N] + self.token_type_embeddings[0])
+            x[:, :, 0] = self._project(self.global_to_lm, batch.glob)
+        locals_ = x[:, :, first:first + S]
+        locals_.copy_(self._project(self.local_to_lm, batch.local))
+        locals_ += self.scale_embedding[batch.scales]
+        x[:, :, T - 1] = self.sep_embedding
+        x = x.view(B, batch.N, H)
+        x += self.position_embeddings[2:2 + batch.N]
+        x += self.token_type_embeddings[0]
         return F.layer_norm(x, (H,), self.embed_ln.weight, self.embed_ln.bias, self.embed_ln.eps)
+
+    def _project(self, proj: nn.Module, desc: Tensor) -> Tensor:
+        out = proj(desc)
+        return F.normalize(out, dim=-1) if self.config.l2_normalize else out
 
     def masks(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """(is_global, key_padding), bool [B, N]: every [SEP] is global, and with query_global_attention
