@@ -110,7 +110,8 @@ class FlexAttentionBaseline:
     LoCoRE's [SEP] every 50 tokens would make every block partial and flex as slow as dense attention,
     so this is the strongest honest use of FlexAttention for this layout.
     Global rows: ``q_global_gathered`` against every valid key with the global projections.
-    Padded rows are zeroed. Block masks are built once per layout (i.e. once per forward).
+    Padded rows are zeroed. Block masks are built once per layout (i.e. once per forward), with a
+    compiled ``create_block_mask`` when ``compile`` is set.
 
     ``compile=True`` (the default) runs ``torch.compile(flex_attention)``: that is how FlexAttention
     is meant to be used (eager flex materialises the full score matrix). ``compile=False`` is for the
@@ -132,7 +133,6 @@ class FlexAttentionBaseline:
         w = layout.one_sided_window
         band_key, num_global, key_padding = layout.band_key, layout.num_global, layout.key_padding
         device = layout.is_global.device
-        build_compiled = device.type == "cuda" and self.compile
 
         def local_rule(b, h, qi, kj):
             j = kj - G
@@ -143,11 +143,11 @@ class FlexAttentionBaseline:
             return ~key_padding[b, kj]
 
         local_mask = create_block_mask(local_rule, B, None, N, G + N, device=device,
-                                       BLOCK_SIZE=self.block_size, _compile=build_compiled)
+                                       BLOCK_SIZE=self.block_size, _compile=self.compile)
         global_mask = None
         if G > 0:
             global_mask = create_block_mask(global_rule, B, None, G, N, device=device,
-                                            BLOCK_SIZE=self.block_size, _compile=build_compiled)
+                                            BLOCK_SIZE=self.block_size, _compile=self.compile)
         return local_mask, global_mask
 
     def _flex(self):
