@@ -111,7 +111,8 @@ class FlexAttentionBaseline:
     so this is the strongest honest use of FlexAttention for this layout.
     Global rows: ``q_global_gathered`` against every valid key with the global projections.
     Padded rows are zeroed. Block masks are built once per layout (i.e. once per forward), with a
-    compiled ``create_block_mask`` when ``compile`` is set.
+    compiled ``create_block_mask`` when ``compile_masks`` is set (default: like ``compile``; a caller
+    that builds them once, outside what it times, can spare itself that compilation).
 
     ``compile=True`` (the default) runs ``torch.compile(flex_attention)``: that is how FlexAttention
     is meant to be used (eager flex materialises the full score matrix). ``compile=False`` is for the
@@ -120,8 +121,9 @@ class FlexAttentionBaseline:
 
     name = "flex"
 
-    def __init__(self, compile: bool = True, block_size: int = 128):
+    def __init__(self, compile: bool = True, block_size: int = 128, compile_masks: Optional[bool] = None):
         self.compile = compile
+        self.compile_masks = compile if compile_masks is None else compile_masks
         self.block_size = block_size
         self._masks = _PerLayoutCache()
 
@@ -143,11 +145,11 @@ class FlexAttentionBaseline:
             return ~key_padding[b, kj]
 
         local_mask = create_block_mask(local_rule, B, None, N, G + N, device=device,
-                                       BLOCK_SIZE=self.block_size, _compile=self.compile)
+                                       BLOCK_SIZE=self.block_size, _compile=self.compile_masks)
         global_mask = None
         if G > 0:
             global_mask = create_block_mask(global_rule, B, None, G, N, device=device,
-                                            BLOCK_SIZE=self.block_size, _compile=self.compile)
+                                            BLOCK_SIZE=self.block_size, _compile=self.compile_masks)
         return local_mask, global_mask
 
     def _flex(self):
@@ -301,9 +303,10 @@ ATTENTION_BASELINES = ("flex", "sdpa-dense", "hf-longformer")
 
 
 def make_attention_baseline(name: str, *, num_heads: int = 12, head_dim: int = 64,
-                            one_sided_window: int = 256, compile: bool = True):
+                            one_sided_window: int = 256, compile: bool = True,
+                            compile_masks: Optional[bool] = None):
     if name == "flex":
-        return FlexAttentionBaseline(compile=compile)
+        return FlexAttentionBaseline(compile=compile, compile_masks=compile_masks)
     if name == "sdpa-dense":
         return DenseSDPABaseline()
     if name == "hf-longformer":

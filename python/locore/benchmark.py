@@ -621,7 +621,7 @@ def plot_attention(rows: Sequence[dict[str, Any]], path: os.PathLike, title: str
 # fits its budget; a slow baseline is cut to its budget but never below 20 runs (its row says how
 # many). CPU (2 cores in CI): fewer runs, stated in every row.
 GPU_DEFAULTS = dict(warmup=10, runs=50, min_runs=20, rotate=4, max_row_seconds=20.0)
-CPU_DEFAULTS = dict(warmup=2, runs=10, min_runs=5, rotate=2, max_row_seconds=30.0)
+CPU_DEFAULTS = dict(warmup=2, runs=10, min_runs=5, rotate=2, max_row_seconds=20.0)
 
 
 def add_common_args(parser) -> None:
@@ -635,7 +635,7 @@ def add_common_args(parser) -> None:
                    help="fewest timed runs a row budget may leave (GPU 20, CPU 5)")
     g.add_argument("--rotate", type=int, default=None, help="input sets the timed runs cycle through (GPU 4, CPU 2)")
     g.add_argument("--max-row-seconds", type=float, default=None,
-                   help="time budget of one row's timed runs; <= 0: none (GPU 20, CPU 30)")
+                   help="time budget of one row's timed runs; <= 0: none (GPU 20, CPU 20)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--time-limit", type=float, default=None,
                    help="start no row after this many seconds; the rest are listed as skipped")
