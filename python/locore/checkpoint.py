@@ -104,15 +104,53 @@ class TensorSource:
         return self._get(key)
 
 
-def _read_safetensors(path: str) -> TensorSource:
-    from safetensors import SafetensorError, safe_open
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
-    try:
-        f = safe_open(path, framework="pt", device="cpu")
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    return TensorSource(path, shapes, f.get_tensor)
+
+def _read_safetensors(path: str) -> TensorSource:
+    """The safetensors layout (u64 header size, JSON header, raw little-endian data) read with plain
+    file reads, one tensor at a time: a memory map would add the whole file to the resident set."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a readable safetensors file ({why})")
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= size - 8:
+            raise bad("bad header size")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    header.pop("__metadata__", None)
+    entries = {}
+    for key, e in header.items():
+        try:
+            dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"bad entry for {key!r}: {e!r}") from None
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if end - begin != nbytes or not 0 <= begin <= end <= size - 8 - n:
+            raise bad(f"data offsets of {key!r} do not match its shape and dtype")
+        entries[key] = (dtype, shape, 8 + n + begin)
+
+    def get(key: str) -> Tensor:
+        dtype, shape, offset = entries[key]
+        t = torch.empty(shape, dtype=dtype)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(t.reshape(-1).view(torch.uint8).numpy()) != t.numel() * dtype.itemsize:
+                raise bad(f"file ends inside {key!r}")
+        return t
+
+    return TensorSource(path, {k: e[1] for k, e in entries.items()}, get)
 
 
 def _read_torch(path: str) -> TensorSource:

@@ -85,6 +85,21 @@ def make_projection(p: ProjectionConfig, in_dim: int, hidden: int) -> nn.Module:
                          nn.Linear(p.bottleneck_dim, hidden, bias=p.bias))
 
 
+@functools.lru_cache(maxsize=None)
+def _pin_malloc_mmap_threshold(nbytes: int = 4 << 20) -> None:
+    """glibc serves allocations above a threshold with mmap and returns them to the OS on free; by
+    default that threshold grows (up to 32 MB) each time such a block is freed, after which the CPU
+    forward's 5-60 MB activations land on the heap and stay resident once freed (~100 MB of peak RSS
+    at N = 5050). Pinning it at 4 MB keeps freed activations out of the resident set. Once per process,
+    glibc only; elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 # ---------------------------------------------------------------------------------------------
 # Encoder
 
@@ -281,6 +296,8 @@ class LoCoRe(nn.Module):
         device, dtype = as_device(device), as_dtype(dtype)
         with torch.device("meta"):
             model = cls(cfg).to(dtype=dtype)
+        if device.type == "cpu":
+            _pin_malloc_mmap_threshold()
         model.to_empty(device=device)
         return model.requires_grad_(False).eval()
 
