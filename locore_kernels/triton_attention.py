@@ -128,13 +128,17 @@ def _dot_acc(p, v, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_update(acc, l_i, m_i, qk, v, UPCAST: tl.constexpr):
-    """One tile of online softmax. qk: [BLOCK_M, BLOCK_N] fp32 logits in log2 units, -inf = masked."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+def _online_softmax_update(acc, l_i, m_i, s, v, qk_scale, UPCAST: tl.constexpr):
+    """One key tile of online softmax.
+
+    s: [BLOCK_M, BLOCK_N] raw fp32 scores q . k, -inf where masked; m_i is kept in log2 units
+    (scores times qk_scale = log2(e) / sqrt(D)), so each probability is one FMA and one exp2.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     # A row with no unmasked key so far has m_new = -inf: subtract 0 instead (exp2(-inf) = 0, no NaN).
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_ref)
-    p = tl.math.exp2(qk - m_ref[:, None])
+    p = tl.math.exp2(s * qk_scale - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = _dot_acc(p.to(v.dtype), v, acc, UPCAST)
@@ -150,16 +154,14 @@ def _band_tiles(acc, l_i, m_i, q, k_base, v_base, bandkey_base, stride_kn, strid
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_seq = offs_n < N  # the last tile may run past the sequence end
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-        # band_key = valid and not global (globals come from the global loop); False past N
-        is_key = tl.load(bandkey_base + offs_n, mask=in_seq, other=0) != 0
-        qk = _dot_qk(q, tl.trans(k), UPCAST) * qk_scale
-        qk = tl.where(is_key[None, :], qk, float("-inf"))
+        k = tl.load(k_base + (offs_n[:, None] * stride_kn + offs_d[None, :]), mask=in_seq[:, None], other=0.0)
+        v = tl.load(v_base + (offs_n[:, None] * stride_vn + offs_d[None, :]), mask=in_seq[:, None], other=0.0)
+        # band keys are valid and not global (globals come from the global loop); none past N
+        keep = (tl.load(bandkey_base + offs_n, mask=in_seq, other=0) != 0)[None, :]
         if DIAG_MASK:
-            dist = offs_m[:, None] - offs_n[None, :]
-            qk = tl.where((dist <= W) & (dist >= -W), qk, float("-inf"))  # the sliding window
-        acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, v, UPCAST)
+            keep = keep & (tl.abs(offs_m[:, None] - offs_n[None, :]) <= W)  # the sliding window
+        s = tl.where(keep, _dot_qk(q, tl.trans(k), UPCAST), float("-inf"))
+        acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, s, v, qk_scale, UPCAST)
     return acc, l_i, m_i
 
 
@@ -189,18 +191,19 @@ def _local_rows_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_in = offs_m < N  # the last query tile may run past the sequence end
 
+    # int64 base per (b, h); in-tile offsets stay int32 (the host checks N * stride_n < 2**31)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
     o_base = Out + off_b * stride_ob + off_h * stride_oh
     mask_off = off_b * stride_mb
 
-    row_pad = tl.load(KeyPad + mask_off + offs_m, mask=row_in, other=1) != 0
-    row_glob = tl.load(IsGlobal + mask_off + offs_m, mask=row_in, other=0) != 0
+    row_pad = tl.load(KeyPad + mask_off + offs_m, mask=row_in, other=1) != 0  # padded rows: output 0
+    row_glob = tl.load(IsGlobal + mask_off + offs_m, mask=row_in, other=0) != 0  # kernel 3's rows
     row_active = row_in & (~row_pad) & (~row_glob)
     tile_active = tl.sum(row_active.to(tl.int32), 0) > 0  # all rows padded/global: skip every key loop
 
-    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=row_in[:, None], other=0.0)
+    q = tl.load(q_base + (offs_m[:, None] * stride_qn + offs_d[None, :]), mask=row_in[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -212,12 +215,11 @@ def _local_rows_kernel(
     for start_g in range(0, n_glob, BLOCK_N):
         offs_g = start_g + tl.arange(0, BLOCK_N)
         g_in = offs_g < n_glob  # the last chunk of the global list runs past num_global[b]
-        idx = tl.load(GIdx + off_b * stride_gb + offs_g, mask=g_in, other=0).to(tl.int64)
-        k = tl.load(k_base + idx[:, None] * stride_kn + offs_d[None, :], mask=g_in[:, None], other=0.0)
-        v = tl.load(v_base + idx[:, None] * stride_vn + offs_d[None, :], mask=g_in[:, None], other=0.0)
-        qk = _dot_qk(q, tl.trans(k), UPCAST) * qk_scale
-        qk = tl.where(g_in[None, :], qk, float("-inf"))
-        acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, v, UPCAST)
+        idx = tl.load(GIdx + off_b * stride_gb + offs_g, mask=g_in, other=0)
+        k = tl.load(k_base + (idx[:, None] * stride_kn + offs_d[None, :]), mask=g_in[:, None], other=0.0)
+        v = tl.load(v_base + (idx[:, None] * stride_vn + offs_d[None, :]), mask=g_in[:, None], other=0.0)
+        s = tl.where(g_in[None, :], _dot_qk(q, tl.trans(k), UPCAST), float("-inf"))
+        acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, s, v, qk_scale, UPCAST)
 
     # -- stages 1-3: band key tiles, aligned to BLOCK_N, covering [start_m - w, start_m + BLOCK_M - 1 + w] --
     lo = (tl.maximum(start_m - W, 0) // BLOCK_N) * BLOCK_N
@@ -243,7 +245,7 @@ def _local_rows_kernel(
     out = tl.where(row_pad[:, None], 0.0, out)  # padded rows: exactly 0
     # global rows belong to the combine kernel; rows past N do not exist
     store_row = row_in & (~row_glob)
-    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
+    tl.store(o_base + (offs_m[:, None] * stride_on + offs_d[None, :]), out.to(Out.dtype.element_ty),
              mask=store_row[:, None])
 
 
@@ -273,8 +275,8 @@ def _global_rows_split_kernel(
     n_glob = tl.load(NumGlobal + off_b)
     row_in = offs_g < n_glob  # rows past num_global[b] are filler in q_global_gathered
 
-    q = tl.load(QG + off_b * stride_qb + off_h * stride_qh + offs_g[:, None] * stride_qn + offs_d[None, :],
-                mask=row_in[:, None], other=0.0)
+    q_base = QG + off_b * stride_qb + off_h * stride_qh
+    q = tl.load(q_base + (offs_g[:, None] * stride_qn + offs_d[None, :]), mask=row_in[:, None], other=0.0)
     k_base = KG + off_b * stride_kb + off_h * stride_kh
     v_base = VG + off_b * stride_vb + off_h * stride_vh
     pad_base = KeyPad + off_b * stride_mb
@@ -290,12 +292,11 @@ def _global_rows_split_kernel(
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_split = offs_n < hi  # the last tile may run past the split / sequence end
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=in_split[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=in_split[:, None], other=0.0)
+        k = tl.load(k_base + (offs_n[:, None] * stride_kn + offs_d[None, :]), mask=in_split[:, None], other=0.0)
+        v = tl.load(v_base + (offs_n[:, None] * stride_vn + offs_d[None, :]), mask=in_split[:, None], other=0.0)
         is_key = tl.load(pad_base + offs_n, mask=in_split, other=1) == 0  # valid tokens only
-        qk = _dot_qk(q, tl.trans(k), UPCAST) * qk_scale
-        qk = tl.where(is_key[None, :], qk, float("-inf"))
-        acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, qk, v, UPCAST)
+        s = tl.where(is_key[None, :], _dot_qk(q, tl.trans(k), UPCAST), float("-inf"))
+        acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, s, v, qk_scale, UPCAST)
 
     # partials, laid out [B*H, NUM_SPLITS, G(, D)]; m = -inf, l = 0, acc = 0 for an all-padded split
     part = (off_bh.to(tl.int64) * NUM_SPLITS + split) * G
@@ -351,7 +352,8 @@ def _global_rows_combine_kernel(
 # ----------------------------------------------------------------------------------------------
 
 # bf16/fp16: tensor-core tiles (tutorial sizes for Hopper). fp32 runs exact IEEE dots on the FMA
-# units, so it gets smaller tiles (registers) and a shorter list (each config compiles slowly).
+# units, so it gets smaller tiles and more warps per tile (chosen so that at D = 64 ptxas reports
+# no register spills for sm_90) and a shorter list (each config compiles slowly).
 _LOCAL_CONFIGS_16BIT = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
@@ -359,8 +361,8 @@ _LOCAL_CONFIGS_16BIT = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
 ]
 _LOCAL_CONFIGS_FP32 = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
 ]
 _GLOBAL_CONFIGS_16BIT = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
@@ -369,8 +371,8 @@ _GLOBAL_CONFIGS_16BIT = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
 ]
 _GLOBAL_CONFIGS_FP32 = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
 ]
 assert all(GPU_SPLIT_ALIGN % c.kwargs["BLOCK_N"] == 0 for c in _GLOBAL_CONFIGS_16BIT + _GLOBAL_CONFIGS_FP32)
 
@@ -452,6 +454,9 @@ def triton_attention(
         return out
 
     q, k, v, k_global, v_global = (_rows_last_contiguous(t) for t in (q, k, v, k_global, v_global))
+    qg = _rows_last_contiguous(q_global_gathered)
+    if max(t.stride(1) for t in (q, k, v, k_global, v_global, qg, out)) * max(N, G) >= 2**31:
+        raise ValueError("triton_attention: a [N, H, D] slice of the inputs exceeds int32 element offsets")
     is_global = layout.is_global.contiguous()
     key_padding = layout.key_padding.contiguous()
     band_key = layout.band_key.contiguous()
@@ -486,7 +491,6 @@ def triton_attention(
     if G == 0:  # no global token anywhere in the batch
         return out
 
-    qg = _rows_last_contiguous(q_global_gathered)
     if interp:
         gcfg = INTERPRETER_GLOBAL_CONFIG
         num_splits, split_keys = plan_splits(N, G, B * H, gcfg["BLOCK_N"], 2 * gcfg["BLOCK_N"], 8)

@@ -7,7 +7,11 @@ NaN, so a row the kernels forget to write fails the finiteness check.
 """
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -71,11 +75,14 @@ def reference64(proj, is_global, key_padding, w):
 
 
 def run_poisoned(proj, is_global, key_padding, w):
-    """The kernels' entry point, writing into a NaN-filled buffer."""
+    """The kernels' entry point, writing into a NaN-filled buffer (filler global queries NaN too)."""
     q, k, v, qg, kg, vg = proj
     layout = build_layout(is_global, key_padding, w)
     out = torch.full_like(q, float("nan"))
-    result = ta.triton_attention(q, k, v, layout.gather_global(qg), kg, vg, layout, out=out)
+    qg_gathered = layout.gather_global(qg)
+    filler = torch.arange(layout.max_global, device=q.device)[None, :] >= layout.num_global[:, None]
+    qg_gathered[filler] = float("nan")  # rows past num_global[b] must be ignored
+    result = ta.triton_attention(q, k, v, qg_gathered, kg, vg, layout, out=out)
     assert result is out
     return out
 
@@ -237,6 +244,68 @@ def test_split_plan_covers_every_key_once(n, g):
     splits, keys = ta.plan_splits(n, g, 12, 128, 256, 264)
     assert keys % 128 == 0 and keys > 0
     assert (splits - 1) * keys < n <= splits * keys  # no empty split, no key left out
+
+
+# ------------------------------------------------------------------------------------------------
+# ahead-of-time compile for an H100 (sm_90): checks the compiled path even on a CPU-only machine
+# ------------------------------------------------------------------------------------------------
+
+_AOT_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import locore_kernels.triton_attention as ta
+
+    PTR = {"Q", "K", "V", "Out", "QG", "KG", "VG"}
+    def compile_one(fn, dtype, consts, num_warps, num_stages):
+        sig = {}
+        for name in fn.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name in PTR:
+                sig[name] = "*" + dtype
+            elif name in ("IsGlobal", "KeyPad", "BandKey"):
+                sig[name] = "*i1"
+            elif name in ("GIdx", "NumGlobal"):
+                sig[name] = "*i32"
+            elif name in ("MPart", "LPart", "AccPart"):
+                sig[name] = "*fp32"
+            else:
+                sig[name] = "fp32" if name == "qk_scale" else "i32"
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": num_warps, "num_stages": num_stages})
+        ptx = kernel.asm["ptx"]
+        return {"tensor_core": ("wgmma" in ptx) or ("mma.sync" in ptx)}
+
+    out = {}
+    for dtype, cfg in (("bf16", ta._LOCAL_CONFIGS_16BIT[0]), ("fp32", ta._LOCAL_CONFIGS_FP32[0])):
+        consts = dict(cfg.kwargs, HEAD_DIM=64, UPCAST=False)
+        out["local-" + dtype] = compile_one(ta._local_rows_kernel, dtype, consts, cfg.num_warps, cfg.num_stages)
+    cfg = ta._GLOBAL_CONFIGS_16BIT[0]
+    out["global-bf16"] = compile_one(ta._global_rows_split_kernel, "bf16", dict(cfg.kwargs, HEAD_DIM=64, UPCAST=False),
+                                     cfg.num_warps, cfg.num_stages)
+    out["combine-bf16"] = compile_one(ta._global_rows_combine_kernel, "bf16", {"HEAD_DIM": 64, "BLOCK_G": ta.COMBINE_BLOCK_G}, 4, 1)
+    print("AOT-RESULT " + json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_h100_with_tensor_cores_only_below_fp32():
+    """The compiled (non-interpreted) kernels build for sm_90; bf16 dots use tensor cores while the
+    fp32 dots stay exact IEEE FMAs (no TF32)."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("AOT-RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    import json
+
+    result = json.loads(lines[-1][len("AOT-RESULT "):])
+    assert result["local-bf16"]["tensor_core"] and result["global-bf16"]["tensor_core"]
+    assert not result["local-fp32"]["tensor_core"], "fp32 dots must not use TF32 tensor cores"
 
 
 # ------------------------------------------------------------------------------------------------
