@@ -338,41 +338,43 @@ def plan(models: Sequence[str], impls: Sequence[str], dtypes: Sequence[str], bat
          gallery: int, scaling: Sequence[int], scaling_models: Sequence[str], modes: Sequence[str],
          cpu: bool) -> list[Spec]:
     """Rows in priority order (what the targets need first; a --time-limit cuts from the end):
-    1. B = 1 at the main K, every model / impl / dtype (fp32 eager locore first: the check reference);
+    1. B = 1 at the main K: locore in every dtype and mode (fp32 eager first: the check reference),
+       hf-longformer fp32 and bf16-autocast, locore-flex / locore-sdpa in the first dtype (bf16 on
+       GPU), rrt and ames in every dtype;
     2. the K scaling series (B = 1, bf16 on GPU / fp32 on CPU) for locore, locore-flex, hf-longformer;
-    3. B > 1 at the main K: ours in every dtype, the baselines in the first dtype only."""
+    3. B > 1 at the main K: locore in every dtype and mode, the baselines in the first dtype only."""
     specs: list[Spec] = []
+    first = dtypes[0]
     ordered_dtypes = sorted(dtypes, key=lambda d: d != "fp32")   # fp32 first: reference scores
 
-    def locore_family(model: str, dtype: str, batch: int, K: int, baselines_too: bool) -> list[Spec]:
+    def family(model: str, dtype: str, batch: int, K: int, swapped: bool, hf: bool) -> list[Spec]:
         out = []
         if "locore" in impls:
             out += [Spec("locore", model, dtype, batch, K, m) for m in modes]
-        if baselines_too:
+        if swapped:
             out += [Spec(i, model, dtype, batch, K) for i in ("locore-flex", "locore-sdpa") if i in impls]
-            if "hf-longformer" in impls:
-                out.append(Spec("hf-longformer", model, dtype, batch, K, "eager" if dtype == "fp32" else "autocast"))
+        if hf and "hf-longformer" in impls:
+            out.append(Spec("hf-longformer", model, dtype, batch, K, "eager" if dtype == "fp32" else "autocast"))
         return out
 
     for model in models:
         for dtype in ordered_dtypes:
-            specs += locore_family(model, dtype, 1, gallery, True)
+            specs += family(model, dtype, 1, gallery, swapped=dtype == first, hf=True)
     for impl in ("rrt", "ames"):
         if impl in impls:
             specs += [Spec(impl, impl, dtype, 1, gallery) for dtype in dtypes]
-    series_dtype = "fp32" if cpu else ("bf16" if "bf16" in dtypes else dtypes[0])
+    series_dtype = "fp32" if cpu else ("bf16" if "bf16" in dtypes else first)
     for model in scaling_models:
         for K in scaling:
-            if K == gallery and 1 in batches and model in models:
+            if K == gallery and model in models:
                 continue  # measured above
-            specs += [s for s in locore_family(model, series_dtype, 1, K, True) if s.impl != "locore-sdpa"]
-    first = dtypes[0]
+            specs += [s for s in family(model, series_dtype, 1, K, swapped=True, hf=True) if s.impl != "locore-sdpa"]
     for batch in batches:
         if batch == 1:
             continue
         for model in models:
             for dtype in ordered_dtypes:
-                specs += locore_family(model, dtype, batch, gallery, dtype == first)
+                specs += family(model, dtype, batch, gallery, swapped=dtype == first, hf=dtype == first)
         for impl in ("rrt", "ames"):
             if impl in impls:
                 specs.append(Spec(impl, impl, first, batch, gallery))
