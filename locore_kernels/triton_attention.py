@@ -440,6 +440,8 @@ def triton_attention(
     """
     B, N, H, D = q.shape
     G = layout.max_global
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"triton_attention needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"triton_attention supports head dim D in {SUPPORTED_HEAD_DIMS}, got D={D}")
     if q.dtype not in SUPPORTED_DTYPES:
