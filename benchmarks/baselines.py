@@ -26,7 +26,6 @@ configurations as plain modules with random weights (only their cost matters her
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

@@ -69,7 +69,7 @@ def _estimated_bytes(impl: str, n: int, g: int, elem: int) -> int:
     return 0
 
 
-def _skip_reason(impl: str, images: int, n: int, g: int, dtype: torch.dtype, device: torch.device,
+def _skip_reason(impl: str, n: int, g: int, dtype: torch.dtype, device: torch.device,
                  max_cpu_dense_tokens: int) -> Optional[str]:
     elem = torch.finfo(dtype).bits // 8
     need = _estimated_bytes(impl, n, g, elem)
@@ -185,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         n = n_img * TOKENS_PER_IMAGE
         g = (TOKENS_PER_IMAGE - 1) + n_img
         for impl in impls:
-            skip = _skip_reason(impl, n_img, n, g, dtype, device, args.max_cpu_dense_tokens)
+            skip = _skip_reason(impl, n, g, dtype, device, args.max_cpu_dense_tokens)
             cases.append(make_case(impl, n_img, dtype, device, args.batch, skip))
     rows = bm.run_cases(cases, s, lambda r: f"N={r['tokens']:>6} {r['impl']:<14}", args.time_limit)
     rows.sort(key=lambda r: (r["tokens"], IMPLS.index(r["impl"])))

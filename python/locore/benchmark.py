@@ -35,17 +35,18 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
 __all__ = [
-    "REPO_ROOT", "RESULTS_DIR", "TABLE5", "ROW_FIELDS", "Case", "PeakMemory", "Timing",
-    "device_name", "device_slug", "environment", "git_commit", "format_table", "load_results",
-    "main", "measure_case", "percentile", "plot_attention", "plot_model", "plot_scaling",
-    "results_path", "summarize", "synchronize", "time_runs", "write_results",
+    "REPO_ROOT", "RESULTS_DIR", "TABLE5", "ROW_FIELDS", "Case", "MeasureSettings", "PeakMemory", "Timing",
+    "add_common_args", "device_name", "device_slug", "environment", "git_commit", "format_table",
+    "load_results", "main", "measure_case", "percentile", "plot_attention", "plot_model", "plot_scaling",
+    "results_path", "run_cases", "settings_from_args", "summarize", "synchronize", "time_runs",
+    "write_results",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -337,7 +338,6 @@ class MeasureSettings:
     rotate: int = 4               # input sets the timed runs cycle through
     max_row_seconds: Optional[float] = None   # budget for the timed runs of one row
     commit: Optional[str] = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _is_oom(exc: BaseException) -> bool:
