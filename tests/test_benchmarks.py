@@ -183,8 +183,8 @@ def test_cpu_peak_memory_sees_a_large_allocation():
     mem = bm.PeakMemory(CPU)
     mem.start()
     peak = mem.measure(lambda: torch.ones(64 * 2**20 // 4).sum())  # 64 MB, freed at once
-    if "reset" not in mem.method and "VmHWM, reset" not in mem.method:
-        pytest.skip(f"RSS peak cannot be reset here: {mem.method}")
+    if "could not be reset" in mem.method or mem.method.startswith("unavailable"):
+        pytest.skip(f"this kernel does not let a process reset its RSS peak: {mem.method}")
     assert peak > 50
 
 
