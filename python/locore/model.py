@@ -5,13 +5,16 @@
                          gallery_local, gallery_scales, gallery_mask)    # [B, K]
 
 Fast-path choices (none changes what is computed):
-* the five projections that run over every token (q, k, v, k_global, v_global) are one
-  [H -> 5H] GEMM; the global query runs over the gathered global tokens only;
+* the five projections that run over every token (q, k, v, k_global, v_global) share one [5H, H]
+  weight: one GEMM on CUDA, five GEMMs into one contiguous buffer on CPU (what the C++ kernel reads);
+  the global query runs over the gathered global tokens only;
 * the attention layout (global-token list, band keys) is built once per forward and shared by every
   layer; attention itself is ``locore_kernels.attention_with_layout`` (Triton on CUDA, C++ on CPU);
 * bias + GELU and bias + residual + LayerNorm are fused Triton epilogues on CUDA;
-* in the last layer only the rows a score mode reads need queries, the out-projection, the FFN and
-  the classifier (``max-start`` / ``max-end``: K rows): every layer still computes k and v of all tokens;
+* in the last layer only the rows a score mode reads need queries, attention, the out-projection,
+  the FFN and the classifier (``max-start`` / ``max-end``: K non-global rows, so no global
+  projections either); k and v are still computed for every token;
+* CPU: safetensors read tensor by tensor, FFN in row chunks, glibc's mmap threshold pinned (peak RSS);
 * fp32 models run with TF32 off ("exact"); bf16/fp16 models keep softmax and LayerNorm in fp32;
 * ``score(..., cuda_graph=True)`` replays one captured CUDA graph per input shape.
 """
