@@ -13,10 +13,12 @@
 //    in split order afterwards.
 //
 // Per task the scores live in a KC x BQ tile stored key-major (S[t * BQ + r]): the QK^T micro-kernel
-// broadcasts one key element against a vector of 8 query rows (queries packed transposed, D x BQ),
-// the softmax runs vectorised across rows, and the PV micro-kernel keeps a 6-row x 16-column output
-// tile in registers while streaming the chunk's value rows. Scratch per thread is
-// O(BQ * (D + KC) + G + N) floats/ints, never O(N^2).
+// broadcasts one element of each of 3 keys against the block's 32 query rows (4 vectors; queries
+// packed transposed, D x BQ, pre-scaled by log2(e)/sqrt(D) so the softmax uses exp2), the softmax
+// runs vectorised across rows, and the PV micro-kernel keeps a (<= 6)-row x 16-column output tile in
+// registers while streaming the chunk's value rows. K and V are read in place ([B, N, H, D], row
+// stride H*D): no packed copies. Scratch per thread is O(BQ * (D + KC) + G + w); the shared index
+// lists are O(B * N). Nothing is O(N^2).
 #include "attention.h"
 
 #include <algorithm>
