@@ -5,6 +5,7 @@ global tokens, which keys may sit in the band) is computed once here and reused.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +50,13 @@ class AttentionLayout:
 
 
 def check_window(one_sided_window: int) -> int:
-    if isinstance(one_sided_window, bool) or not isinstance(one_sided_window, int):
+    """Accept any integer-like value (int, numpy or 0-d torch integer) but not bool; return a plain int."""
+    if isinstance(one_sided_window, bool):
         raise ValueError(f"one_sided_window must be a positive int, got {one_sided_window!r}")
+    try:
+        one_sided_window = operator.index(one_sided_window)
+    except TypeError:
+        raise ValueError(f"one_sided_window must be a positive int, got {one_sided_window!r}") from None
     if one_sided_window < 1:
         raise ValueError(f"one_sided_window must be >= 1, got {one_sided_window}")
     return one_sided_window
@@ -58,7 +64,7 @@ def check_window(one_sided_window: int) -> int:
 
 def build_layout(is_global: Tensor, key_padding: Tensor, one_sided_window: int) -> AttentionLayout:
     """Validate the masks and derive the layout. One host sync (for G); call once per forward."""
-    check_window(one_sided_window)
+    one_sided_window = check_window(one_sided_window)
     for name, m in (("is_global", is_global), ("key_padding", key_padding)):
         if not isinstance(m, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(m).__name__}")

@@ -127,6 +127,6 @@ def longformer_attention(
     _check_backend(backend, q)
     if backend == "reference":  # the reference takes full-length global queries directly
         return longformer_attention_reference(q, k, v, q_global, k_global, v_global,
-                                              is_global, key_padding, one_sided_window)
+                                              is_global, key_padding, layout.one_sided_window)
     return attention_with_layout(q, k, v, layout.gather_global(q_global), k_global, v_global, layout,
                                  backend=backend, validate=False)
