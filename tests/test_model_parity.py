@@ -207,3 +207,12 @@ def test_device_and_dtype_strings():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             LoCoRe.preset("tiny", device="cuda")
+
+
+def test_l2_normalised_projections(tmp_path):
+    cfg = LoCoReConfig(**SMALL, num_layers=1, local_dim=32, global_dim=48, l2_normalize=True,
+                       local_projection=ProjectionConfig("linear"), global_projection=ProjectionConfig("linear"))
+    sd, path = save_checkpoint(tmp_path, cfg)
+    model = LoCoRe.from_pretrained(path, device="cpu", num_attention_heads=4, attention_window=8, l2_normalize=True)
+    assert model.config == cfg
+    check_against_oracle(model, sd, make_inputs(cfg, 2, 5, 4, True))
