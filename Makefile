@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.locore-deps
 TORCH_SPEC  ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
 
-.PHONY: venv build demo test test-gpu bench bench-cpu clean
+.PHONY: venv build demo test test-gpu bench bench-cpu bench-micro clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,10 +43,16 @@ test: $(STAMP)
 test-gpu: $(STAMP) build
 	$(PY) -m pytest -q tests -m gpu
 
+# GPU machine: the whole model + attention benchmark (about 8 minutes on an H100).
 bench: $(STAMP) build
-	$(PY) benchmarks/bench_model.py
-	$(PY) benchmarks/bench_attention.py
+	$(PY) benchmarks/bench_model.py --time-limit 280
+	$(PY) benchmarks/bench_attention.py --time-limit 80
 
+# CPU machine like CI's (fp32; tiny and small; about 12 minutes on 2 cores).
 bench-cpu: $(STAMP) build
-	$(PY) benchmarks/bench_model.py --cpu
-	$(PY) benchmarks/bench_attention.py --cpu
+	$(PY) benchmarks/bench_model.py --cpu --time-limit 420
+	$(PY) benchmarks/bench_attention.py --cpu --time-limit 240
+
+# pytest-benchmark micro-benchmarks (attention op, one encoder layer); not part of `make test`.
+bench-micro: $(STAMP) build
+	$(PY) -m pytest -q -o addopts="" benchmarks/micro
