@@ -145,6 +145,7 @@ def test_measure_case_fills_every_field():
         assert f in row
     assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
     assert row["runs"] == 5 and row["rotation"] == 2 and made == [0, 1]
+    assert len(row["times_ms"]) == row["runs"] and min(row["times_ms"]) == pytest.approx(row["min_ms"], abs=1e-3)
     assert row["checked"] == (64, 64)
     assert row["peak_mb"] is not None and row["peak_method"]
     assert row["commit"] == "0" * 40

@@ -389,6 +389,7 @@ def measure_case(case: Case, s: MeasureSettings, log: Callable[[str], None] = pr
         t = summarize(times)
         row.update({"median_ms": t.median_ms, "p10_ms": t.p10_ms, "p90_ms": t.p90_ms,
                     "mean_ms": t.mean_ms, "min_ms": t.min_ms, "runs": t.runs,
+                    "times_ms": [round(x, 4) for x in times],  # raw timings, in run order
                     "warmup": warmup + 2, "rotation": len(inputs), "first_call_s": round(first_s, 3)})
     except Exception as exc:  # a baseline that cannot run here must not stop the others
         reason = "out of memory" if _is_oom(exc) else f"{type(exc).__name__}: {exc}"
