@@ -2,11 +2,16 @@
 CUDA-graph replay vs eager. Marked gpu: skipped cleanly without a CUDA device."""
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from locore import LoCoRe, LoCoReConfig
+from locore.data import LocalBatch
+from locore.rerank import DatasetReranker, Sliding
 from locore.hf_baseline import build_hf_longformer, hf_logits, random_reference_state_dict, scores_from_logits
 
 pytestmark = pytest.mark.gpu
@@ -89,3 +94,35 @@ def test_cpu_and_cuda_models_agree():
     a = cpu.score(*[t.cpu() for t in x])
     b = gpu.score(*x).cpu()
     assert (a - b).abs().max() / a.abs().max() <= 1e-4
+
+
+class _SlowLocal:
+    """In-memory local descriptors; ``read`` sleeps so the reranker's loader thread is still copying the
+    next batch to the GPU while the main thread captures its first CUDA graph."""
+
+    def __init__(self, n: int, S: int, D: int, num_scales: int, seed: int):
+        g = np.random.default_rng(seed)
+        self.desc = g.standard_normal((n, S, D)).astype(np.float32)
+        self.scales = g.integers(0, num_scales, (n, S))
+        self.mask = g.random((n, S)) < 0.2
+        self.num_descriptors = S
+
+    def read(self, ids):
+        time.sleep(0.05)
+        ids = np.asarray(ids).reshape(-1)
+        return LocalBatch(desc=self.desc[ids], scales=self.scales[ids], mask=self.mask[ids])
+
+
+def test_rerank_with_cuda_graphs_while_the_loader_thread_copies():
+    model = LoCoRe.preset("tiny", device="cuda", seed=0, num_layers=2)
+    cfg = model.config
+    q_local, g_local = _SlowLocal(4, 10, cfg.local_dim, cfg.num_scales, 1), _SlowLocal(40, 10, cfg.local_dim, cfg.num_scales, 2)
+    rng = np.random.default_rng(3)
+    ids = np.stack([rng.permutation(40)[:30] for _ in range(4)])
+    sims = np.sort(rng.uniform(0.2, 0.9, ids.shape), axis=1)[:, ::-1].copy()
+    method = Sliding("end-to-start", 30, 20, 10)
+    ranks = {}
+    for graph in (False, True):
+        reranker = DatasetReranker(model, q_local, g_local, alpha=0.5, temp=0.1, batch_size=1, cuda_graph=graph)
+        ranks[graph], _ = reranker.rerank(ids, sims, method, progress=False)
+    np.testing.assert_array_equal(ranks[True], ranks[False])

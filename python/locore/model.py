@@ -572,7 +572,9 @@ class _CapturedScore:
                 model._scores(self.batch, self.layout, mode, softmax)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: other threads' CUDA calls (rerank's descriptor loader copying the next batch to
+        # the device, a cudaMalloc among them) must not invalidate the capture, as "global" mode lets them
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.out = model._scores(self.batch, self.layout, mode, softmax)
 
     def __call__(self, batch: Batch, layout: AttentionLayout) -> Tensor:
