@@ -371,3 +371,28 @@ def test_bench_model_plan_orders_targets_first():
     assert all(s.batch == 1 for s in specs[:first_b8])
     assert {s.gallery for s in specs if s.impl == "hf-longformer"} == {25, 100, 400}
     assert all(s.dtype == "bf16" for s in specs if s.batch == 8 and s.impl != "locore")
+
+
+def test_cuda_peak_counts_the_memory_a_captured_graph_holds(monkeypatch):
+    """A CUDA-graph replay allocates nothing, so max_memory_allocated alone would report a graph row's
+    activations as free: the idle part of the graph's private pool is added (simulated allocator)."""
+    from locore import benchmark as bm
+
+    state = {"allocated": 100 << 20, "peak": 100 << 20, "segments": []}
+    seg = lambda pool, total, used: {"device": 0, "segment_pool_id": pool, "total_size": total,  # noqa: E731
+                                     "allocated_size": used}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: state["peak"])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: state.update(peak=state["allocated"]))
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda *a, **k: state["segments"])
+    state["segments"] = [seg((0, 0), 64 << 20, 0)]                 # the default pool's cache: not counted
+    mem = bm.PeakMemory(torch.device("cuda", 0))
+    mem.start()
+    state["allocated"] = 130 << 20                                   # the row's weights and inputs
+    state["segments"].append(seg((1, 0), 48 << 20, 1 << 20))        # a captured graph's pool, output kept
+    assert mem.measure(lambda: None) == pytest.approx(30 + 47)
+    state["segments"].pop()                                          # an eager row: no pool
+    assert mem.measure(lambda: state.update(peak=state["allocated"] + (5 << 20))) == pytest.approx(35)

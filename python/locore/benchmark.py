@@ -12,7 +12,8 @@ holds what they share, so both measure the same way:
 * **Peak memory** (:class:`PeakMemory`), for one call after warm-up, with only the row's model and
   one input set alive: on CUDA ``torch.cuda.max_memory_allocated`` (reset right before the call) minus
   what was allocated before the row built anything, so it counts the row's weights, its inputs and
-  the call's activations and workspaces, and nothing of other rows. On CPU the same quantity from
+  the call's activations and workspaces, and nothing of other rows; plus the memory a row's captured
+  CUDA graphs hold in their private pools (a replay allocates nothing: its activations live there). On CPU the same quantity from
   the resident set size: before the call freed heap is handed back to the OS (``malloc_trim``) and the
   kernel's RSS high-water mark is reset (``/proc/self/clear_refs``), so the peak is that of this call
   alone; the RSS the process had before the row built anything is subtracted.
@@ -269,6 +270,19 @@ def release_memory(device: torch.device) -> None:
         _malloc_trim()
 
 
+def _graph_pool_idle_bytes(device: torch.device) -> int:
+    """Bytes the CUDA caching allocator holds, unallocated, in private pools: a captured CUDA graph's
+    activations live there, reserved for its replays, where ``max_memory_allocated`` does not see them."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    try:
+        segments = torch.cuda.memory_snapshot()
+    except (RuntimeError, AttributeError):
+        return 0
+    return sum(seg["total_size"] - seg["allocated_size"] for seg in segments
+               if seg.get("device", index) == index and tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+
+
 class PeakMemory:
     """Peak memory of one call above the level the process had before the row was set up.
 
@@ -278,13 +292,15 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self.base_bytes = 0
-        self.method = ("torch.cuda.max_memory_allocated" if self.device.type == "cuda"
+        self.base_pool_bytes = 0
+        self.method = ("torch.cuda.max_memory_allocated + CUDA-graph pools" if self.device.type == "cuda"
                        else "RSS high-water mark (VmHWM, reset before the call)")
 
     def start(self) -> None:
         release_memory(self.device)
         if self.device.type == "cuda":
             self.base_bytes = torch.cuda.memory_allocated(self.device)
+            self.base_pool_bytes = _graph_pool_idle_bytes(self.device)
         else:
             self.base_bytes = (_rss_kb("VmRSS") or 0) * 1024
 
@@ -295,7 +311,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             call()
             torch.cuda.synchronize(self.device)
-            return (torch.cuda.max_memory_allocated(self.device) - self.base_bytes) / 2**20
+            # a graph replay allocates nothing: its activations are the graph pool captured at setup
+            pools = _graph_pool_idle_bytes(self.device) - self.base_pool_bytes
+            return (torch.cuda.max_memory_allocated(self.device) - self.base_bytes + max(pools, 0)) / 2**20
         gc.collect()
         _malloc_trim()
         if not _reset_rss_peak():
