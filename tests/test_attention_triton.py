@@ -280,21 +280,40 @@ _AOT_SCRIPT = textwrap.dedent("""
         return {"tensor_core": ("wgmma" in ptx) or ("mma.sync" in ptx)}
 
     out = {}
-    for dtype, cfg in (("bf16", ta._LOCAL_CONFIGS_16BIT[0]), ("fp32", ta._LOCAL_CONFIGS_FP32[0])):
-        consts = dict(cfg.kwargs, HEAD_DIM=64, UPCAST=False)
-        out["local-" + dtype] = compile_one(ta._local_rows_kernel, dtype, consts, cfg.num_warps, cfg.num_stages)
-    cfg = ta._GLOBAL_CONFIGS_16BIT[0]
-    out["global-bf16"] = compile_one(ta._global_rows_split_kernel, "bf16", dict(cfg.kwargs, HEAD_DIM=64, UPCAST=False),
-                                     cfg.num_warps, cfg.num_stages)
+    # every config the autotuner may pick at the model's head dim (D = 64), in its dtype family
+    for kind, fn, c16, c32 in (("local", ta._local_rows_kernel, ta._LOCAL_CONFIGS_16BIT, ta._LOCAL_CONFIGS_FP32),
+                               ("global", ta._global_rows_split_kernel, ta._GLOBAL_CONFIGS_16BIT,
+                                ta._GLOBAL_CONFIGS_FP32)):
+        for dtype, configs in (("bf16", c16), ("fp32", c32)):
+            for i, cfg in enumerate(configs):
+                consts = dict(cfg.kwargs, HEAD_DIM=64, UPCAST=False)
+                out[f"{kind}-{dtype}-{i}"] = compile_one(fn, dtype, consts, cfg.num_warps, cfg.num_stages)
     out["combine-bf16"] = compile_one(ta._global_rows_combine_kernel, "bf16", {"HEAD_DIM": 64, "BLOCK_G": ta.COMBINE_BLOCK_G}, 4, 1)
+
+    # the fused epilogues (defined only where CUDA is visible: pretend it is while importing them)
+    import torch
+    available = torch.cuda.is_available
+    torch.cuda.is_available = lambda: True
+    import locore_kernels.epilogues as ep
+    torch.cuda.is_available = available
+    for dtype in ("bf16", "fp32"):
+        t = "*" + dtype
+        sig = {"Y": t, "Bias": t, "n_cols": "i32", "stride_y": "i32", "BLOCK": "constexpr"}
+        src = ASTSource(fn=ep._bias_gelu_kernel, signature=sig, constexprs={(4,): 1024})
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        sig = {"Y": t, "Bias": t, "Res": t, "W": t, "B": t, "n_cols": "i32", "stride_y": "i32", "stride_r": "i32",
+               "eps": "fp32", "BLOCK": "constexpr"}
+        src = ASTSource(fn=ep._bias_residual_layernorm_kernel, signature=sig, constexprs={(9,): 1024})
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        out["epilogues-" + dtype] = {"tensor_core": False}
     print("AOT-RESULT " + json.dumps(out))
 """)
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_h100_with_tensor_cores_only_below_fp32():
-    """The compiled (non-interpreted) kernels build for sm_90; bf16 dots use tensor cores while the
-    fp32 dots stay exact IEEE FMAs (no TF32)."""
+    """The compiled (non-interpreted) kernels build for sm_90 in every autotune config, and so do the
+    fused epilogues; bf16 dots use tensor cores while the fp32 dots stay exact IEEE FMAs (no TF32)."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=root, env=env, capture_output=True,
@@ -304,8 +323,13 @@ def test_kernels_compile_for_h100_with_tensor_cores_only_below_fp32():
     import json
 
     result = json.loads(lines[-1][len("AOT-RESULT "):])
-    assert result["local-bf16"]["tensor_core"] and result["global-bf16"]["tensor_core"]
-    assert not result["local-fp32"]["tensor_core"], "fp32 dots must not use TF32 tensor cores"
+    for name, r in result.items():
+        if "-bf16-" in name:
+            assert r["tensor_core"], name
+        if "-fp32-" in name:
+            assert not r["tensor_core"], f"{name}: fp32 dots must not use TF32 tensor cores"
+    assert {"local-bf16-0", "local-fp32-1", "global-bf16-3", "global-fp32-0", "epilogues-bf16",
+            "epilogues-fp32"} <= set(result)
 
 
 # ------------------------------------------------------------------------------------------------
