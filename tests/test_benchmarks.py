@@ -396,3 +396,23 @@ def test_cuda_peak_counts_the_memory_a_captured_graph_holds(monkeypatch):
     assert mem.measure(lambda: None) == pytest.approx(30 + 47)
     state["segments"].pop()                                          # an eager row: no pool
     assert mem.measure(lambda: state.update(peak=state["allocated"] + (5 << 20))) == pytest.approx(35)
+
+
+def test_a_broken_device_skips_rows_but_never_stops_the_run(monkeypatch):
+    """After a sticky CUDA error every synchronize raises; the run must still return (and so write) its rows."""
+    from locore import benchmark as bm
+
+    calls = {"n": 0}
+
+    def release(device):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bm, "release_memory", release)
+    cases = [bm.Case(row={"impl": f"r{i}"}, setup=lambda: (lambda x: x, lambda r: r)) for i in range(3)]
+    s = bm.MeasureSettings(device=torch.device("cpu"), warmup=1, runs=2, min_runs=1, rotate=1)
+    rows = bm.run_cases(cases, s, label=lambda r: r["impl"], log=lambda msg: None)
+    assert [r["impl"] for r in rows] == ["r0", "r1", "r2"]
+    assert rows[0]["median_ms"] is not None
+    assert rows[2]["median_ms"] is None and "illegal memory access" in rows[2]["skipped"]

@@ -376,9 +376,9 @@ def measure_case(case: Case, s: MeasureSettings, log: Callable[[str], None] = pr
         return row
     device = s.device
     memory = PeakMemory(device)
-    memory.start()
     call = make_input = inputs = None
     try:
+        memory.start()
         call, make_input = case.setup()
         inputs = [make_input(0)]
         t0 = time.perf_counter()
@@ -415,7 +415,10 @@ def measure_case(case: Case, s: MeasureSettings, log: Callable[[str], None] = pr
         log(f"  ! {row.get('impl')} {row.get('model')} {row.get('dtype')}: {row['skipped']}")
     finally:
         del call, make_input, inputs
-        release_memory(device)
+        try:
+            release_memory(device)
+        except Exception as exc:  # e.g. a sticky CUDA error: the rows measured so far must still be written
+            log(f"  ! releasing memory after {row.get('impl')} failed: {type(exc).__name__}: {exc}")
     return row
 
 
