@@ -534,7 +534,9 @@ class LoCoRe(nn.Module):
                 return self._scores(batch, layout, mode, bool(softmax))
             if self.device.type != "cuda":
                 raise ValueError("cuda_graph=True needs a model on a CUDA device")
-            key = (tuple(batch.local.shape), batch.glob is not None, mode, bool(softmax), layout.max_global)
+            # everything fixed at capture time is in the key, so a changed setting never replays a stale graph
+            key = (tuple(batch.local.shape), batch.glob is not None, mode, bool(softmax), layout.max_global,
+                   self.prune_last_layer, self.allow_tf32, self.device, self.dtype, self._attend)
             if key not in self._graphs:
                 if len(self._graphs) >= 8:
                     self._graphs.clear()
