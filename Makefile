@@ -7,11 +7,28 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.locore-deps
 
+# SYSTEM_PYTHON=python3: use an interpreter that already has torch + triton (e.g. a CUDA machine with
+# no network) instead of creating .venv; only the extension is built.
+ifdef SYSTEM_PYTHON
+PY    := $(SYSTEM_PYTHON)
+PIP   := $(PY) -m pip --disable-pip-version-check -q
+STAMP := system-python
+# no install into the system interpreter: build the extension in place and import from the checkout
+BUILD_CMD := $(PY) setup.py -q build_ext --inplace
+export PYTHONPATH := $(CURDIR)/python:$(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+endif
+BUILD_CMD ?= $(PIP) install --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+
 TORCH_SPEC  ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
 
 .PHONY: venv build demo test test-gpu bench bench-cpu bench-micro clean
 
+ifdef SYSTEM_PYTHON
+$(STAMP):
+	$(PY) -c "import torch, triton, pybind11"
+.PHONY: $(STAMP)
+else
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel pybind11 2>&1 | grep -v "^WARNING: Location" || true
@@ -20,12 +37,13 @@ $(STAMP): setup.py pyproject.toml
 	    pytest pytest-benchmark hypothesis transformers 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -c "import torch, triton, transformers, pybind11, h5py, safetensors"
 	touch $(STAMP)
+endif
 
 venv: $(STAMP)
 
 # Editable install; setuptools rebuilds the extension whenever a csrc/ source is newer than the .so.
 build: $(STAMP)
-	$(PIP) install --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(BUILD_CMD)
 	$(PY) -c "import locore_kernels._cpu"
 
 clean:
