@@ -214,13 +214,6 @@ def _model_device(model):
         return torch.device("cpu")
 
 
-def _sync(device) -> None:
-    import torch
-
-    if getattr(device, "type", str(device)).startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
 @dataclass
 class _Chunk:
     queries: np.ndarray              # [B] query indices
