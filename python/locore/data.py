@@ -220,6 +220,15 @@ def safe_load_pickle(path: str) -> Any:
 # Local descriptors (HDF5)
 # --------------------------------------------------------------------------------------------------
 
+def _check_ids(path: str, ids: Sequence[int], num_images: int) -> np.ndarray:
+    """``ids`` as a flat int64 array; :class:`DataError` naming ``path`` for one outside [0, num_images)."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= num_images):
+        bad = ids[(ids < 0) | (ids >= num_images)][0]
+        raise DataError(f"{path}: image id {bad} out of range [0, {num_images})")
+    return ids
+
+
 @dataclass
 class LocalBatch:
     """Local descriptors of some images: ``desc [n, S, D]`` float32, ``scales [n, S]`` int64,
@@ -271,10 +280,7 @@ class LocalFeatures:
 
     def read(self, ids: Sequence[int]) -> LocalBatch:
         """Rows ``ids`` (any order, repeats allowed), first S slots each."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.num_images):
-            bad = ids[(ids < 0) | (ids >= self.num_images)][0]
-            raise DataError(f"{self.path}: image id {bad} out of range [0, {self.num_images})")
+        ids = _check_ids(self.path, ids, self.num_images)
         uniq, inverse = np.unique(ids, return_inverse=True)
         S = self.num_descriptors
         if uniq.size == 0:
@@ -370,10 +376,7 @@ class GlobalFeatures:
 
     def read(self, ids: Sequence[int]) -> np.ndarray:
         """Rows ``ids`` as a float32 array ``[len(ids), dim]`` (a copy)."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.num_images):
-            bad = ids[(ids < 0) | (ids >= self.num_images)][0]
-            raise DataError(f"{self.path}: image id {bad} out of range [0, {self.num_images})")
+        ids = _check_ids(self.path, ids, self.num_images)
         return np.array(self.array[ids], dtype=np.float32)
 
 
