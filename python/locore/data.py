@@ -37,7 +37,7 @@ __all__ = [
     "DataError", "UnsafePickleError", "RestrictedUnpickler", "safe_load_pickle",
     "LocalFeatures", "GlobalFeatures", "Neighbours", "read_neighbours", "read_gnd",
     "write_local", "write_global", "write_neighbours", "write_gnd",
-    "AmesFiles", "locate_files", "EXPECTED_LAYOUT",
+    "AmesFiles", "ames_paths", "locate_files", "EXPECTED_LAYOUT",
 ]
 
 
@@ -502,6 +502,18 @@ class AmesFiles:
     gnd: Optional[str]
 
 
+def ames_paths(data_dir: str, desc: str, nn: Optional[str] = None, gnd: Optional[str] = None,
+               use_global: bool = True) -> AmesFiles:
+    """The paths the AMES layout gives descriptor name ``desc`` in ``data_dir`` (nothing is checked;
+    ``gnd`` stays as given: the default is a search, see :func:`locate_files`)."""
+    j = lambda name: os.path.join(data_dir, name)  # noqa: E731
+    return AmesFiles(
+        query_local=j(f"{desc}_query_local.hdf5"), gallery_local=j(f"{desc}_gallery_local.hdf5"),
+        query_global=j(f"{desc}_query_global.pt") if use_global else None,
+        gallery_global=j(f"{desc}_gallery_global.pt") if use_global else None,
+        nn=nn if nn is not None else j(f"nn_{desc}.pkl"), gnd=gnd)
+
+
 def locate_files(data_dir: str, desc: str, nn: Optional[str] = None, gnd: Optional[str] = None,
                  use_global: bool = True, require_gnd: bool = False) -> AmesFiles:
     """Resolve the files of ``data_dir`` for descriptor name ``desc``; name every missing one.
@@ -512,11 +524,7 @@ def locate_files(data_dir: str, desc: str, nn: Optional[str] = None, gnd: Option
     if not os.path.isdir(data_dir):
         raise DataError(f"data folder not found: {data_dir}\n{EXPECTED_LAYOUT}")
     j = lambda name: os.path.join(data_dir, name)  # noqa: E731
-    files = AmesFiles(
-        query_local=j(f"{desc}_query_local.hdf5"), gallery_local=j(f"{desc}_gallery_local.hdf5"),
-        query_global=j(f"{desc}_query_global.pt") if use_global else None,
-        gallery_global=j(f"{desc}_gallery_global.pt") if use_global else None,
-        nn=nn if nn is not None else j(f"nn_{desc}.pkl"), gnd=gnd)
+    files = ames_paths(data_dir, desc, nn=nn, gnd=gnd, use_global=use_global)
     problems = [p for p in (files.query_local, files.gallery_local, files.query_global, files.gallery_global,
                             files.nn) if p is not None and not os.path.isfile(p)]
     if gnd is None:
