@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .data import GlobalFeatures, LocalFeatures, write_global, write_gnd, write_local, write_neighbours
+from .data import GlobalFeatures, LocalFeatures, ames_paths, write_global, write_gnd, write_local, write_neighbours
 
 # planted images per query: (kind, count, fraction of the query's local descriptors shared, global cosine range)
 PLANTED = (("easy", 4, 0.6, (0.55, 0.80)), ("hard", 3, 0.3, (0.20, 0.40)), ("junk", 2, 0.4, (0.30, 0.60)),
@@ -91,24 +91,24 @@ def generate_problem(folder: str, queries: int = 8, images: int = 300, slots: in
                     u = _unit(u - (u @ q_glob[q]) * q_glob[q])
                     db_glob[d] = c * q_glob[q] + np.sqrt(1 - c * c) * u
     os.makedirs(folder, exist_ok=True)
-    p = lambda name: os.path.join(folder, name)  # noqa: E731
-    write_local(p(f"{DESC}_query_local.hdf5"), q_desc, q_scales, q_mask)
-    write_local(p(f"{DESC}_gallery_local.hdf5"), db_desc, db_scales, db_mask)
+    files = ames_paths(folder, DESC, gnd=os.path.join(folder, f"gnd_{DESC}.pkl"), use_global=bool(global_dim))
+    write_local(files.query_local, q_desc, q_scales, q_mask)
+    write_local(files.gallery_local, db_desc, db_scales, db_mask)
     if global_dim:
-        write_global(p(f"{DESC}_query_global.pt"), q_glob)
-        write_global(p(f"{DESC}_gallery_global.pt"), db_glob)
+        write_global(files.query_global, q_glob)
+        write_global(files.gallery_global, db_glob)
         sims = q_glob @ db_glob.T
     else:  # no global descriptors: a first stage from mean-pooled local descriptors
         pooled = _unit(np.stack([db_desc[d, :S][~db_mask[d, :S]].mean(0) for d in range(images)]))
         qpooled = _unit(np.stack([q_desc[q, :S][~q_mask[q, :S]].mean(0) for q in range(queries)]))
         sims = qpooled @ pooled.T
     ids = np.argsort(-sims, axis=1, kind="stable")
-    write_neighbours(p(f"nn_{DESC}.pkl"), np.take_along_axis(sims, ids, axis=1), ids)
+    write_neighbours(files.nn, np.take_along_axis(sims, ids, axis=1), ids)
     gnd = [{"easy": sorted(d for d, k in kq.items() if k == "easy"),
             "hard": sorted(d for d, k in kq.items() if k == "hard"),
             "junk": sorted(d for d, k in kq.items() if k == "junk"),
             "bbx": [0.0, 0.0, 224.0, 224.0]} for kq in kinds]
-    write_gnd(p(f"gnd_{DESC}.pkl"), gnd, [f"db_{d:05d}" for d in range(images)],
+    write_gnd(files.gnd, gnd, [f"db_{d:05d}" for d in range(images)],
               [f"query_{q:03d}" for q in range(queries)])
     return Problem(folder, queries, images, kinds)
 
@@ -126,14 +126,15 @@ def _agreement(model, folder: str, ids: np.ndarray, num_descriptors: int, use_gl
     """Scores of one window by ``model`` and by a float64 copy on the reference attention."""
     import torch
 
-    ql = LocalFeatures(os.path.join(folder, f"{DESC}_query_local.hdf5"), num_descriptors)
-    gl = LocalFeatures(os.path.join(folder, f"{DESC}_gallery_local.hdf5"), num_descriptors)
+    files = ames_paths(folder, DESC, use_global=use_global)
+    ql = LocalFeatures(files.query_local, num_descriptors)
+    gl = LocalFeatures(files.gallery_local, num_descriptors)
     q, g = ql.read([0]), gl.read(ids)
     inputs = [q.desc, q.scales, q.mask, g.desc[None], g.scales[None], g.mask[None]]
     kw = {}
     if use_global:
-        qg = GlobalFeatures(os.path.join(folder, f"{DESC}_query_global.pt"), num_images=len(ql))
-        gg = GlobalFeatures(os.path.join(folder, f"{DESC}_gallery_global.pt"), num_images=len(gl))
+        qg = GlobalFeatures(files.query_global, num_images=len(ql))
+        gg = GlobalFeatures(files.gallery_global, num_images=len(gl))
         kw = {"query_global": qg.read([0]), "gallery_global": gg.read(ids)[None]}
     ql.close()
     gl.close()
