@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -201,7 +200,7 @@ def _execute_rerank(args, model, log, opened: list) -> RerankReport:
             raise DataError(f"global descriptors in {files.gallery_global} have dim {q_global.dim} (inferred from "
                             f"the file size and {len(g_local)} images), but the checkpoint expects "
                             f"global_dim={cfg.global_dim}")
-    T = tokens_per_image(args.descriptors if args.descriptors else q_local.num_descriptors, use_global)
+    T = tokens_per_image(q_local.num_descriptors, use_global)
     log(f"model: {cfg.num_layers} layers, hidden {cfg.hidden}, {cfg.num_attention_heads} heads, window "
         f"{cfg.attention_window}, on {model.device} in {str(model.dtype).replace('torch.', '')}; "
         f"{q_local.num_descriptors} descriptors{' + global' if use_global else ''} per image (T = {T})")
