@@ -89,6 +89,7 @@ class RerankReport:
     model: Any = None
     random_weights: bool = False
     method: Any = None
+    batch_size: int = 1                                              # queries per forward pass
 
 
 SLIDING_DEFAULTS = {"shortlist": 400, "window": 100, "stride": 50}  # the paper's setting
@@ -207,7 +208,7 @@ def _execute_rerank(args, model, log, opened: list) -> RerankReport:
     log(f"data: {len(q_local)} queries, {len(g_local)} database images, first-stage lists of {nn.topk}; "
         f"{method.describe()}; alpha {args.alpha}, temp {args.temp}, mode {args.mode}; protocol {protocol}")
 
-    batch_size = args.batch_size or (8 if model.device.type == "cuda" else 1)
+    batch_size = report.batch_size = args.batch_size or (8 if model.device.type == "cuda" else 1)
     reranker = DatasetReranker(model, q_local, g_local, q_global, g_global, alpha=args.alpha, temp=args.temp,
                                mode=args.mode, softmax=args.softmax, batch_size=batch_size,
                                cuda_graph=args.cuda_graph)

@@ -147,7 +147,7 @@ def _agreement(model, folder: str, ids: np.ndarray, num_descriptors: int, use_gl
 
 def run_demo(args: argparse.Namespace) -> int:
     from .cli import DEMO_SLIDING, build_parser, execute_rerank, load_model
-    from .rerank import TopK, windows
+    from .rerank import windows
 
     t_start = time.perf_counter()
     if args.topk is None and args.sliding is None:
@@ -208,7 +208,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
         # --- latency, memory, agreement ----------------------------------------------------------------
         stats = report.stats[run]
-        B = args.batch_size or (8 if model.device.type == "cuda" else 1)
+        B = report.batch_size
         per = np.median(stats.per_chunk_seconds) / min(B, stats.queries) * 1e3
         passes = stats.forward_passes / max(1, len(stats.per_chunk_seconds))
         print(f"latency per shortlist of {L}: {per:.1f} ms median ({passes:.0f} forward pass"
