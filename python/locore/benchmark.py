@@ -671,14 +671,12 @@ def settings_from_args(args) -> MeasureSettings:
     """Resolve device and measurement settings; fills ``args.device`` with a torch.device."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.cpu:
-        device = torch.device("cpu")
-    elif args.device:
-        device = torch.device(args.device)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("CUDA device requested but torch sees no GPU (use --cpu)")
+    from .model import as_device
+
+    try:
+        device = torch.device("cpu") if args.cpu else as_device(args.device or None)
+    except ValueError as e:  # e.g. cuda asked for where torch sees no GPU
+        raise SystemExit(f"{e} (use --cpu)") from None
     args.device = device
     args.cpu = device.type == "cpu"
     d = CPU_DEFAULTS if args.cpu else GPU_DEFAULTS
