@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines  # noqa: E402
 import locore_kernels  # noqa: E402
 from locore import benchmark as bm  # noqa: E402
+from locore.model import as_dtype  # noqa: E402
 
 TOKENS_PER_IMAGE = 50
 HEADS, HEAD_DIM, WINDOW = 12, 64, 256
@@ -171,8 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"unknown impl(s) {bad}; choose from {IMPLS}")
     images = [int(x) for x in args.images.split(",")] if args.images else \
         list(CPU_IMAGES if args.cpu else GPU_IMAGES)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("fp32" if args.cpu else "bf16")]
+    dtype = as_dtype(args.dtype or ("fp32" if args.cpu else "bf16"))
 
     print(f"attention benchmark on {bm.device_name(device)}; {dtype}; B={args.batch}, H={HEADS}, "
           f"D={HEAD_DIM}, w={WINDOW}, 50 tokens/image, LoCoRE globals")
