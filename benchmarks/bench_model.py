@@ -44,7 +44,7 @@ import baselines  # noqa: E402
 from locore import benchmark as bm  # noqa: E402
 from locore.checkpoint import state_dict_to_reference  # noqa: E402
 from locore.config import preset_config  # noqa: E402
-from locore.model import LoCoRe  # noqa: E402
+from locore.model import Batch, LoCoRe  # noqa: E402
 from locore.rerank import sliding_rerank, window_starts  # noqa: E402
 
 MODELS = ("tiny", "small", "base")
@@ -140,6 +140,7 @@ class HFLongformerScorer:
         self.sep = sd["language_model.longformer.sep_embedding"].to(device)
         self.cls_w = sd["language_model.classifier.weight"].to(device)
         self.cls_b = sd["language_model.classifier.bias"].to(device)
+        self.masks = master.masks  # the model's own valid / global-token rule (reads only the config)
 
     def __call__(self, query_local, query_scales, query_mask, gallery_local, gallery_scales, gallery_mask,
                  query_global, gallery_global) -> torch.Tensor:
@@ -155,14 +156,9 @@ class HFLongformerScorer:
             tokens = torch.cat([self.global_to_lm(glob)[:, :, None],
                                 self.local_to_lm(local) + self.scale[scales],
                                 self.sep.expand(B, I, 1, H).to(local.dtype)], dim=2).reshape(B, N, H)
-            never = padding.new_zeros(B, I, 1)
-            valid = ~torch.cat([never, padding, never], 2)                                  # [B, I, T]
-            is_global = torch.zeros_like(valid)
-            is_global[:, :, T - 1] = True                                                   # every [SEP]
-            if self.cfg.query_global_attention:
-                is_global[:, 0, :T - 1] = valid[:, 0, :T - 1]                               # the query block
-            hidden = self.hf(inputs_embeds=tokens.float(), attention_mask=valid.reshape(B, N).long(),
-                             global_attention_mask=is_global.reshape(B, N).long(),
+            is_global, key_padding = self.masks(Batch(local, scales, padding, glob))       # [B, N] each
+            hidden = self.hf(inputs_embeds=tokens.float(), attention_mask=(~key_padding).long(),
+                             global_attention_mask=is_global.long(),
                              position_ids=(2 + torch.arange(N, device=self.device)).expand(B, N),
                              token_type_ids=torch.zeros(B, N, dtype=torch.long, device=self.device)
                              ).last_hidden_state
