@@ -99,14 +99,13 @@ def windowed(score: Callable[..., torch.Tensor], x: dict) -> np.ndarray:
 
     Returns the final order [B, K] (indices into the shortlist)."""
     device = x["gallery_local"].device
+    fixed = {k: v for k, v in x.items() if k != "global_sim" and k not in GALLERY_KEYS}  # the query side
 
     def score_fn(cand: np.ndarray) -> np.ndarray:
         idx = torch.from_numpy(cand).to(device)
         window = {k: torch.take_along_dim(x[k], idx.view(idx.shape + (1,) * (x[k].dim() - 2)), dim=1)
                   for k in GALLERY_KEYS}
-        inputs = {k: v for k, v in x.items() if k != "global_sim"}
-        inputs.update(window)
-        return score(**inputs).float().cpu().numpy()
+        return score(**fixed, **window).float().cpu().numpy()
 
     return sliding_rerank(score_fn, x["global_sim"], ORDER, WINDOW, STRIDE, ALPHA, TEMP)
 
