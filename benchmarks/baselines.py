@@ -443,7 +443,7 @@ class AMES(nn.Module):
                 gallery_mask: Tensor) -> Tensor:
         B, K, T, _ = gallery_local.shape
         Q = query_local.shape[1]
-        P, L = B * K, 1 + Q + T
+        P = B * K
         q = self.remap_local(F.normalize(query_local, dim=-1))                      # [B, Q, d]
         g = self.remap_local(F.normalize(gallery_local, dim=-1))                    # [B, K, T, d]
         if not self.training:  # the published inference path rounds the database side to fp16
