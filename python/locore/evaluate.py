@@ -176,12 +176,13 @@ def map_at_r(ranks: np.ndarray, query_labels: np.ndarray, db_labels: np.ndarray,
     rows = _exclude_self(ranks, query_db_ids)
     qlab = np.asarray(query_labels)
     dlab = np.asarray(db_labels)
+    qids = None if query_db_ids is None else np.asarray(query_db_ids)
     counts = {}
     aps = []
     for i, (r, q) in enumerate(zip(rows, qlab)):
         if q not in counts:
             counts[q] = int(np.count_nonzero(dlab == q))
-        R = counts[q] - (1 if query_db_ids is not None and dlab[int(np.asarray(query_db_ids)[i])] == q else 0)
+        R = counts[q] - (1 if qids is not None and dlab[int(qids[i])] == q else 0)
         if R <= 0:
             continue
         rel = (dlab[r[:R]] == q).astype(np.float64)
