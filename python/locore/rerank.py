@@ -53,7 +53,8 @@ def fuse(global_sim, local_score, alpha: float, temp: float):
         return alpha * global_sim + (1.0 - alpha) * (temp * local_score).sigmoid()
     x = temp * np.asarray(local_score, dtype=np.float64)
     # numerically safe logistic: exp of a non-positive number only
-    sig = np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x))))
+    e = np.exp(-np.abs(x))
+    sig = np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     return alpha * np.asarray(global_sim, dtype=np.float64) + (1.0 - alpha) * sig
 
 
