@@ -266,3 +266,14 @@ def test_demo_runs_and_prints_the_agreement(tmp_path, capsys):
     rel = float(line.split("relative to the largest score")[1].split()[0])
     assert rel <= 1e-4
     assert (tmp_path / "demo" / "ranks.json").exists() and (tmp_path / "demo" / "nn_demo.pkl").exists()
+
+
+def test_cli_name_lists_match_the_model():
+    """The CLI keeps torch-free copies of the model's score modes and dtype names: they must agree."""
+    from locore.model import MODES, as_dtype
+
+    assert tuple(cli.SCORE_MODES) == tuple(MODES)
+    rerank = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["rerank"]._actions
+                  if a.dest == "dtype")
+    for name in rerank.choices:
+        as_dtype(name)  # every accepted --dtype is a name the model parses
