@@ -99,6 +99,9 @@ def test_global_roundtrip_and_dim_inference(tmp_path):
     g2 = GlobalFeatures(path, num_images=6)
     assert g2.dim == 5
     np.testing.assert_array_equal(np.fromfile(path, np.float32).reshape(6, 5), arr)
+    for bad in ([6], [-1, 0]):  # the same id check as the local reader, naming the file
+        with pytest.raises(DataError, match=r"x_query_global\.pt: image id -?\d+ out of range \[0, 6\)"):
+            g.read(bad)
 
 
 def test_global_size_errors(tmp_path):
