@@ -24,6 +24,7 @@ from .rerank import ORDERS, DatasetReranker, SettingsError, Sliding, TopK, token
 PRESET_PREFIX = "preset:"
 DEMO_SLIDING = {"order": "end-to-start", "shortlist": 40, "window": 20, "stride": 10}
 SCORE_MODES = ("max-start", "max-end", "max-sum", "max-prod")
+METRIC_COLUMNS = ("mAP",) + tuple(f"mP@{k}" for k in KAPPAS)  # revisited metrics, in table order
 
 # Errors a user can fix: printed as one message, no traceback (LOCORE_DEBUG=1 shows it); plus
 # locore.checkpoint.CheckpointError (imported lazily: it pulls in torch).
@@ -115,15 +116,14 @@ def _ranks_path(out: str, run: str, first: bool) -> str:
 
 
 def _format_table(metrics: dict, protocol: str) -> str:
-    cols = ["mAP"] + [f"mP@{k}" for k in KAPPAS]
     lines = [f"metrics (protocol: {protocol}; in %)",
-             f"{'split':<8} {'run':<8} {'stage':<12}" + "".join(f"{c:>8}" for c in cols)]
+             f"{'split':<8} {'run':<8} {'stage':<12}" + "".join(f"{c:>8}" for c in METRIC_COLUMNS)]
     for split in SPLITS:
         if split not in metrics:
             continue
         m = metrics[split]
         for stage in ("first_stage", "reranked"):
-            vals = "".join(f"{m[stage][c]:8.2f}" for c in cols)
+            vals = "".join(f"{m[stage][c]:8.2f}" for c in METRIC_COLUMNS)
             lines.append(f"{split.capitalize():<8} {m['run']:<8} {stage.replace('_', ' '):<12}{vals}")
     return "\n".join(lines)
 
@@ -298,10 +298,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         m = revisited_metrics(ranks, gnd, splits)
         result.update(gnd=os.path.abspath(args.gnd), metrics={s: {k: round(v, 2) for k, v in m[s].items()}
                                                                 for s in splits})
-        cols = ["mAP"] + [f"mP@{k}" for k in KAPPAS]
-        print(f"{'split':<8}" + "".join(f"{c:>8}" for c in cols))
+        print(f"{'split':<8}" + "".join(f"{c:>8}" for c in METRIC_COLUMNS))
         for s in splits:
-            print(f"{s.capitalize():<8}" + "".join(f"{m[s][c]:8.2f}" for c in cols))
+            print(f"{s.capitalize():<8}" + "".join(f"{m[s][c]:8.2f}" for c in METRIC_COLUMNS))
     elif args.query_labels is not None and args.db_labels is not None:
         ql, dl = np.load(args.query_labels), np.load(args.db_labels)
         if len(ql) != ranks.shape[0]:
