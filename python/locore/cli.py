@@ -72,6 +72,12 @@ def load_model(checkpoint: str, device: Optional[str] = None, dtype: Optional[st
     return model, False
 
 
+def model_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    """The config overrides of the model options (see :func:`add_model_args`), for :func:`load_model`."""
+    return {"num_attention_heads": args.num_attention_heads, "attention_window": args.attention_window,
+            "num_layers": args.num_layers}
+
+
 # --------------------------------------------------------------------------------------------------
 # locore rerank
 # --------------------------------------------------------------------------------------------------
@@ -182,10 +188,8 @@ def _execute_rerank(args, model, log, opened: list) -> RerankReport:
 
     # --- model --------------------------------------------------------------------------------------
     if model is None:
-        model, report.random_weights = load_model(
-            args.checkpoint, args.device, args.dtype, args.seed,
-            {"num_attention_heads": args.num_attention_heads, "attention_window": args.attention_window,
-             "num_layers": args.num_layers}, log=log)
+        model, report.random_weights = load_model(args.checkpoint, args.device, args.dtype, args.seed,
+                                                  model_overrides(args), log=log)
     else:
         report.random_weights = args.checkpoint.startswith(PRESET_PREFIX)
     report.model = model

@@ -146,7 +146,7 @@ def _agreement(model, folder: str, ids: np.ndarray, num_descriptors: int, use_gl
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .cli import DEMO_SLIDING, build_parser, execute_rerank, load_model
+    from .cli import DEMO_SLIDING, build_parser, execute_rerank, load_model, model_overrides
     from .rerank import windows
 
     t_start = time.perf_counter()
@@ -161,10 +161,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if folder is None:
         tmp = folder = tempfile.mkdtemp(prefix="locore-demo-")
     try:
-        model, random_weights = load_model(
-            args.checkpoint, args.device, args.dtype, args.seed,
-            {"num_attention_heads": args.num_attention_heads, "attention_window": args.attention_window,
-             "num_layers": args.num_layers})
+        model, random_weights = load_model(args.checkpoint, args.device, args.dtype, args.seed,
+                                           model_overrides(args))
         cfg = model.config
         use_global = cfg.global_dim is not None and not args.no_global
         t0 = time.perf_counter()
