@@ -209,7 +209,6 @@ def make_case(spec: Spec, ctx: Context, single_pass_limit: int) -> bm.Case:
     paper = bm.TABLE5.get(spec.model if spec.impl not in ("rrt", "ames") else spec.impl)
     if spec.impl in ("rrt", "ames"):
         row["model"] = spec.impl
-        paper = bm.TABLE5[spec.impl]
     if paper and K == MAIN_GALLERY and B == 1:
         row["paper_ms"], row["paper_peak_mb"] = paper["latency_ms"], paper["peak_mb"]
 
