@@ -195,7 +195,7 @@ def _execute_rerank(args, model, log, opened: list) -> RerankReport:
     report.model = model
     cfg = model.config
     if q_local.dim != cfg.local_dim:
-        raise DataError(f"local descriptors in {files.gallery_local} have D={q_local.dim}, but the checkpoint "
+        raise DataError(f"local descriptors in {files.query_local} have D={q_local.dim}, but the checkpoint "
                         f"expects local_dim={cfg.local_dim}")
     if use_global:
         if cfg.global_dim is None:

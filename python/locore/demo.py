@@ -129,15 +129,17 @@ def _agreement(model, folder: str, ids: np.ndarray, num_descriptors: int, use_gl
     files = ames_paths(folder, DESC, use_global=use_global)
     ql = LocalFeatures(files.query_local, num_descriptors)
     gl = LocalFeatures(files.gallery_local, num_descriptors)
-    q, g = ql.read([0]), gl.read(ids)
-    inputs = [q.desc, q.scales, q.mask, g.desc[None], g.scales[None], g.mask[None]]
-    kw = {}
-    if use_global:
-        qg = GlobalFeatures(files.query_global, num_images=len(ql))
-        gg = GlobalFeatures(files.gallery_global, num_images=len(gl))
-        kw = {"query_global": qg.read([0]), "gallery_global": gg.read(ids)[None]}
-    ql.close()
-    gl.close()
+    try:
+        q, g = ql.read([0]), gl.read(ids)
+        inputs = [q.desc, q.scales, q.mask, g.desc[None], g.scales[None], g.mask[None]]
+        kw = {}
+        if use_global:
+            qg = GlobalFeatures(files.query_global, num_images=len(ql))
+            gg = GlobalFeatures(files.gallery_global, num_images=len(gl))
+            kw = {"query_global": qg.read([0]), "gallery_global": gg.read(ids)[None]}
+    finally:
+        ql.close()
+        gl.close()
     ref = copy.deepcopy(model).to(torch.float64).set_attention("reference")
     ours = model.score(*inputs, mode=mode, **kw).double().cpu()
     theirs = ref.score(*inputs, mode=mode, **kw).double().cpu()
