@@ -24,29 +24,46 @@ def longformer_attention_reference(
     """
     B, N, H, D = q.shape
     out_dtype = q.dtype
-    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = D ** -0.5
+    compute_dtype = _compute_dtype(q.dtype)
     q, k, v, q_global, k_global, v_global = (
         t.to(compute_dtype) for t in (q, k, v, q_global, k_global, v_global))
     is_global = is_global.bool()
     key_padding = key_padding.bool()
-    valid = ~key_padding
 
-    pos = torch.arange(N, device=q.device)
-    in_band = (pos[:, None] - pos[None, :]).abs() <= one_sided_window            # [N, N]
-    band_key = valid & ~is_global                                                # [B, N] keys of the band
-    local_allowed = (in_band[None] & band_key[:, None, :]) | is_global[:, None, :]  # [B, Nq, Nk]
-    global_allowed = valid[:, None, :].expand(B, N, N)                           # [B, Nq, Nk]
-
-    def masked_attention(qq: Tensor, kk: Tensor, vv: Tensor, allowed: Tensor) -> Tensor:
-        scores = torch.einsum("bihd,bjhd->bhij", qq, kk) * scale
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows (padding) -> 0, not NaN
-        return torch.einsum("bhij,bjhd->bihd", probs, vv)
-
-    out = masked_attention(q, k, v, local_allowed)
+    out = local_rows_attention(q, k, v, torch.arange(N, device=q.device), is_global, key_padding,
+                               one_sided_window)
     if bool(is_global.any()):
-        out_global = masked_attention(q_global, k_global, v_global, global_allowed)
+        global_allowed = (~key_padding)[:, None, :].expand(B, N, N)               # [B, Nq, Nk]
+        out_global = _masked_attention(q_global, k_global, v_global, global_allowed)
         out = torch.where(is_global[:, :, None, None], out_global, out)
     out = out.masked_fill(key_padding[:, :, None, None], 0.0)
     return out.to(out_dtype)
+
+
+def local_rows_attention(
+    q_rows: Tensor, k: Tensor, v: Tensor, rows: Tensor,
+    is_global: Tensor, key_padding: Tensor, one_sided_window: int,
+) -> Tensor:
+    """The non-global rule for the rows ``rows`` [R] only, O(R * N): q_rows [B, R, H, D] are their
+    queries, k, v [B, N, H, D] every token's. Row i attends to every global token and to the valid
+    non-global tokens j with |i - j| <= w, one softmax; padded rows give exactly 0. Used by the
+    reference (all rows) and by a model layer whose outputs are read at a few rows only."""
+    cdt = _compute_dtype(q_rows.dtype)
+    pos = torch.arange(k.shape[1], device=k.device)
+    in_band = (rows[:, None] - pos[None, :]).abs() <= one_sided_window                 # [R, N]
+    band_key = ~key_padding & ~is_global                                              # [B, N] keys of the band
+    allowed = (in_band[None] & band_key[:, None, :]) | is_global[:, None, :]          # [B, R, N]
+    out = _masked_attention(q_rows.to(cdt), k.to(cdt), v.to(cdt), allowed)
+    return out.masked_fill(key_padding[:, rows, None, None], 0.0).to(q_rows.dtype)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _masked_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(D), masked to ``allowed`` [B, Nq, Nk]) v; all-masked rows give 0, not NaN."""
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhij,bjhd->bihd", probs, v)

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from locore_kernels import BACKENDS, AttentionLayout, attention_with_layout, build_layout
 from locore_kernels.epilogues import bias_gelu, bias_residual_layernorm
+from locore_kernels.reference import local_rows_attention
 
 from .checkpoint import (check_keys, dropped_layer_prefixes, infer_config, load_into, open_checkpoint)
 from .config import LoCoReConfig, ProjectionConfig, apply_overrides, preset_config
@@ -106,27 +107,6 @@ def _pin_malloc_mmap_threshold(nbytes: int = 4 << 20) -> None:
 # ---------------------------------------------------------------------------------------------
 # Encoder
 
-def rows_attention(q: Tensor, k: Tensor, v: Tensor, rows: Tensor, layout: AttentionLayout) -> Tensor:
-    """Attention output of a few NON-global rows (SPEC section 3), O(len(rows) * N).
-
-    q [B, R, H, D] are the queries of positions ``rows`` [R]; k, v [B, N, H, D] of every token.
-    Row i attends to every global token and to the valid non-global tokens j with |i - j| <= w,
-    one softmax (fp32, or fp64 for fp64 inputs); a padded row gives exactly 0. Same math as the
-    attention op on those rows, for the last layer where only they are read.
-    """
-    B, R, H, D = q.shape
-    N = k.shape[1]
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    pos = torch.arange(N, device=q.device)
-    in_band = (rows[:, None] - pos[None, :]).abs() <= layout.one_sided_window                   # [R, N]
-    allowed = (in_band[None] & layout.band_key[:, None, :]) | layout.is_global[:, None, :]      # [B, R, N]
-    s = torch.einsum("brhd,bnhd->bhrn", q.to(cdt), k.to(cdt)).mul_(D ** -0.5)
-    p = torch.softmax(s.masked_fill_(~allowed[:, None], float("-inf")), dim=-1)
-    del s
-    out = torch.einsum("bhrn,bnhd->brhd", p, v.to(cdt))
-    return out.masked_fill(layout.key_padding[:, rows, None, None], 0.0).to(q.dtype)
-
-
 class EncoderLayer(nn.Module):
     """Post-LayerNorm Longformer layer (SPEC section 3) with the projections fused."""
 
@@ -176,7 +156,8 @@ class EncoderLayer(nn.Module):
         k, v = F.linear(x, w[H:3 * H], b[H:3 * H]).view(B, N, 2, self.heads, -1).unbind(2)
         xr = x[:, rows]
         q = F.linear(xr, w[:H], b[:H]).view(B, -1, self.heads, H // self.heads)
-        a = rows_attention(q, k, v, rows, layout)
+        # O(len(rows) * N) dense rule on the read rows: same math as the attention op on those rows
+        a = local_rows_attention(q, k, v, rows, layout.is_global, layout.key_padding, layout.one_sided_window)
         return self.feed_forward(self.post_attention(a.reshape(xr.shape), xr))
 
     def post_attention(self, a: Tensor, x: Tensor) -> Tensor:
