@@ -141,6 +141,10 @@ class HFLongformerScorer:
         self.cls_b = sd["language_model.classifier.bias"].to(device)
         self.masks = master.masks  # the model's own valid / global-token rule (reads only the config)
 
+    def _project(self, proj: torch.nn.Module, desc: torch.Tensor) -> torch.Tensor:
+        out = proj(desc)  # SPEC section 2: optional L2 normalisation after the projection
+        return F.normalize(out, dim=-1) if self.cfg.l2_normalize else out
+
     def __call__(self, query_local, query_scales, query_mask, gallery_local, gallery_scales, gallery_mask,
                  query_global, gallery_global) -> torch.Tensor:
         B, K, S, _ = gallery_local.shape
@@ -152,8 +156,8 @@ class HFLongformerScorer:
         glob = torch.cat([query_global[:, None], gallery_global], 1).float()
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast or torch.bfloat16,
                                                     enabled=self.autocast is not None):
-            tokens = torch.cat([self.global_to_lm(glob)[:, :, None],
-                                self.local_to_lm(local) + self.scale[scales],
+            tokens = torch.cat([self._project(self.global_to_lm, glob)[:, :, None],
+                                self._project(self.local_to_lm, local) + self.scale[scales],
                                 self.sep.expand(B, I, 1, H).to(local.dtype)], dim=2).reshape(B, N, H)
             is_global, key_padding = self.masks(Batch(local, scales, padding, glob))       # [B, N] each
             hidden = self.hf(inputs_embeds=tokens.float(), attention_mask=(~key_padding).long(),
