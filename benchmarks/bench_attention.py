@@ -15,7 +15,7 @@ outside what is timed); the op alone is timed.
     python benchmarks/bench_attention.py --cpu --images 26 --impls locore,sdpa-dense --runs 3
 
 Prints a table and the issue's target ratios, writes rows (bench "attention") into the device's
-results JSON (see ``locore.benchmark``) and a plot of time vs N beside it.
+results JSON (see ``harness.py``) and a plot of time vs N beside it.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # noqa: E402
 import locore_kernels  # noqa: E402
-from locore import benchmark as bm  # noqa: E402
+import harness as bm  # noqa: E402
 from locore.model import as_dtype  # noqa: E402
 
 TOKENS_PER_IMAGE = 50

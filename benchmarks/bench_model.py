@@ -23,7 +23,7 @@ their papers' configurations: 100 pairs x 1004 tokens, 100 pairs x 651 tokens).
         --scaling none --runs 3 --no-write          # smoke run
 
 Prints a table with Table 5 beside and the issue's targets as PASS / FAIL; writes the rows (bench
-"model") into the device's results JSON and two plots beside it (see ``locore.benchmark``).
+"model") into the device's results JSON and two plots beside it (see ``harness.py``).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines  # noqa: E402
-from locore import benchmark as bm  # noqa: E402
+import harness as bm  # noqa: E402
 from locore.checkpoint import state_dict_to_reference  # noqa: E402
 from locore.config import preset_config  # noqa: E402
 from locore.model import Batch, LoCoRe  # noqa: E402
@@ -120,13 +120,13 @@ def passes_for(gallery: int, single_pass_limit: int) -> int:
 
 class HFLongformerScorer:
     """``LongformerModel`` (transformers) holding the model's weights, with LoCoRE's sequence assembly
-    and ``max-end`` scores around it, vectorised on the device (``locore.hf_baseline``'s own wrapper
+    and ``max-end`` scores around it, vectorised on the device (``hf_baseline``'s own wrapper
     is the test oracle: image-by-image loops on the host). ``autocast``: run under
     ``torch.autocast(dtype=autocast)`` with fp32 weights, as the published code's mixed precision does.
     """
 
     def __init__(self, master: LoCoRe, device: torch.device, autocast: Optional[torch.dtype]):
-        from locore.hf_baseline import build_hf_longformer
+        from hf_baseline import build_hf_longformer
 
         cfg = master.config
         sd = state_dict_to_reference(master)

@@ -3,10 +3,12 @@
 No model knowledge lives here: the op takes projected q/k/v tensors and two boolean masks.
 """
 from .layout import AttentionLayout, build_layout, scatter_global
-from .ops import BACKENDS, attention_with_layout, longformer_attention, resolve_backend
+from .epilogues import bias_gelu, bias_residual_layernorm
+from .ops import BACKENDS, attention_rows, attention_with_layout, longformer_attention, resolve_backend
 from .reference import longformer_attention_reference
 
 __all__ = [
-    "AttentionLayout", "BACKENDS", "attention_with_layout", "build_layout", "longformer_attention",
+    "AttentionLayout", "BACKENDS", "attention_rows", "attention_with_layout", "bias_gelu",
+    "bias_residual_layernorm", "build_layout", "longformer_attention",
     "longformer_attention_reference", "resolve_backend", "scatter_global",
 ]

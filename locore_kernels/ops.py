@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .layout import AttentionLayout, build_layout, scatter_global
-from .reference import longformer_attention_reference
+from .reference import local_rows_attention, longformer_attention_reference
 
 BACKENDS = ("triton", "cpu", "reference")
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
@@ -130,3 +130,17 @@ def longformer_attention(
                                               is_global, key_padding, layout.one_sided_window)
     return attention_with_layout(q, k, v, layout.gather_global(q_global), k_global, v_global, layout,
                                  backend=backend, validate=False)
+
+
+def attention_rows(
+    q_rows: Tensor, k: Tensor, v: Tensor, rows: Tensor, layout: AttentionLayout,
+    *, backend: Optional[str] = None,
+) -> Tensor:
+    """The non-global rule for the rows ``rows`` [R] only (non-global tokens): q_rows [B, R, H, D] are
+    their local queries, k, v [B, N, H, D] every token's. Row i attends to every global token and to
+    the valid non-global tokens j with |i - j| <= w (one softmax); padded rows give exactly 0.
+    A model layer whose outputs are read at a few rows only (LoCoRE's pruned last layer) calls this.
+    """
+    resolve_backend(backend, q_rows.device, q_rows.dtype)
+    return local_rows_attention(q_rows, k, v, rows, layout.is_global, layout.key_padding,
+                                layout.one_sided_window)

@@ -4,8 +4,14 @@ Without a GPU the Triton kernels run under the interpreter on CPU tensors; the v
 before triton.jit decorates anything, so it is set here, before any test module imports the kernels.
 """
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# The dev-only modules (transformers oracle, benchmark harness, baselines) live in benchmarks/, not in
+# the product packages; tests import them from there.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

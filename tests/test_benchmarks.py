@@ -15,12 +15,8 @@ import pytest
 import torch
 
 import locore_kernels
-from locore import benchmark as bm
-
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH_DIR))
-
-import baselines  # noqa: E402
+import baselines
+import harness as bm
 
 CPU = torch.device("cpu")
 
@@ -305,12 +301,14 @@ def test_ames_scores_every_pair_even_with_a_fully_padded_gallery_image():
 # --------------------------------------------------------------------------------------------------
 
 def _load(name):
-    return bm._load_script(name)
+    import importlib
+
+    return importlib.import_module(name)
 
 
 def test_bench_attention_end_to_end(tmp_path, capsys):
     out = tmp_path / "cpu.json"
-    rc = bm.main(["attention", "--cpu", "--images", "3", "--impls", "locore,sdpa-dense,hf-longformer",
+    rc = _load("bench_attention").main(["--cpu", "--images", "3", "--impls", "locore,sdpa-dense,hf-longformer",
                   "--runs", "2", "--warmup", "1", "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
@@ -326,7 +324,7 @@ def test_bench_attention_end_to_end(tmp_path, capsys):
 
 def test_bench_model_end_to_end(tmp_path, capsys):
     out = tmp_path / "cpu.json"
-    rc = bm.main(["--cpu", "--models", "tiny", "--impls", "locore,locore-sdpa,hf-longformer", "--gallery", "2",
+    rc = _load("bench_model").main(["--cpu", "--models", "tiny", "--impls", "locore,locore-sdpa,hf-longformer", "--gallery", "2",
                   "--scaling", "none", "--runs", "2", "--warmup", "1", "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
@@ -376,7 +374,7 @@ def test_bench_model_plan_orders_targets_first():
 def test_cuda_peak_counts_the_memory_a_captured_graph_holds(monkeypatch):
     """A CUDA-graph replay allocates nothing, so max_memory_allocated alone would report a graph row's
     activations as free: the idle part of the graph's private pool is added (simulated allocator)."""
-    from locore import benchmark as bm
+    import harness as bm
 
     state = {"allocated": 100 << 20, "peak": 100 << 20, "segments": []}
     seg = lambda pool, total, used: {"device": 0, "segment_pool_id": pool, "total_size": total,  # noqa: E731
@@ -400,7 +398,7 @@ def test_cuda_peak_counts_the_memory_a_captured_graph_holds(monkeypatch):
 
 def test_a_broken_device_skips_rows_but_never_stops_the_run(monkeypatch):
     """After a sticky CUDA error every synchronize raises; the run must still return (and so write) its rows."""
-    from locore import benchmark as bm
+    import harness as bm
 
     calls = {"n": 0}
 

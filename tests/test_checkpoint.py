@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from locore import LoCoRe, LoCoReConfig
 from locore.checkpoint import CheckpointError, key_map, state_dict_to_reference
 from locore.config import ProjectionConfig
-from locore.hf_baseline import random_reference_state_dict
+from hf_baseline import random_reference_state_dict
 
 CFG = LoCoReConfig(hidden=32, num_layers=2, num_attention_heads=2, intermediate=64, max_position_embeddings=64,
                    attention_window=8, local_dim=24, global_dim=32,

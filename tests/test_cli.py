@@ -238,21 +238,24 @@ def test_console_script_help():
     assert res.returncode == 0 and "--sliding ORDER" in res.stdout and "preset:tiny|small|base" in res.stdout
 
 
-def test_bench_forwards_its_arguments(monkeypatch):
-    import types
-
+def test_bench_runs_the_checkout_script_with_its_arguments(monkeypatch):
     seen = {}
-    fake = types.ModuleType("locore.benchmark")
-    fake.main = lambda argv: seen.setdefault("argv", argv) and 0
-    monkeypatch.setitem(sys.modules, "locore.benchmark", fake)
-    assert cli.main(["bench", "--cpu", "--runs", "3"]) == 0
-    assert seen["argv"] == ["--cpu", "--runs", "3"]
+
+    def fake_run(cmd, *a, **k):
+        seen["cmd"] = cmd
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert cli.main(["bench", "attention", "--cpu", "--runs", "3"]) == 0
+    assert seen["cmd"][0] == sys.executable and seen["cmd"][1].endswith("benchmarks/bench_attention.py")
+    assert seen["cmd"][2:] == ["--cpu", "--runs", "3"]
+    assert cli.main(["bench", "--cpu"]) == 0 and seen["cmd"][1].endswith("benchmarks/bench_model.py")
 
 
-def test_bench_without_the_module_says_so(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "locore.benchmark", None)  # import fails with ModuleNotFoundError
+def test_bench_without_a_checkout_says_so(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(cli, "find_benchmarks", lambda: None)
     assert cli.main(["bench"]) == 2
-    assert "locore.benchmark" in capsys.readouterr().err
+    assert "benchmarks/ folder" in capsys.readouterr().err
 
 
 def test_demo_runs_and_prints_the_agreement(tmp_path, capsys):

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from locore import LoCoRe, LoCoReConfig
 from locore.data import LocalBatch
 from locore.rerank import DatasetReranker, Sliding
-from locore.hf_baseline import build_hf_longformer, hf_logits, random_reference_state_dict, scores_from_logits
+from hf_baseline import build_hf_longformer, hf_logits, random_reference_state_dict, scores_from_logits
 
 pytestmark = pytest.mark.gpu
 

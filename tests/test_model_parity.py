@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from locore import LoCoRe, LoCoReConfig
 from locore.config import ProjectionConfig
-from locore.hf_baseline import (build_hf_longformer, hf_logits, hf_score, random_reference_state_dict,
+from hf_baseline import (build_hf_longformer, hf_logits, hf_score, random_reference_state_dict,
                                 scores_from_logits)
 
 MODES = ("max-start", "max-end", "max-sum", "max-prod")

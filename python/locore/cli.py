@@ -328,18 +328,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 # locore bench / demo
 # --------------------------------------------------------------------------------------------------
 
-def _cmd_bench(argv: Sequence[str]) -> int:
-    import importlib
+BENCH_SCRIPTS = {"model": "bench_model.py", "attention": "bench_attention.py"}
 
-    try:
-        benchmark = importlib.import_module("locore.benchmark")
-    except ModuleNotFoundError as e:
-        if e.name != "locore.benchmark":
-            raise
-        print("locore bench: the benchmark module (locore.benchmark) is not installed in this build; "
-              "see benchmarks/ in the repository", file=sys.stderr)
+
+def find_benchmarks() -> Optional[str]:
+    """The ``benchmarks/`` folder of a source checkout: the current directory's, else the one beside an
+    editable install of this package; None for a plain install (the benchmarks are not packaged)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root in (os.getcwd(), os.path.dirname(os.path.dirname(here))):
+        folder = os.path.join(root, "benchmarks")
+        if os.path.isfile(os.path.join(folder, BENCH_SCRIPTS["model"])):
+            return folder
+    return None
+
+
+def _cmd_bench(argv: Sequence[str]) -> int:
+    """``locore bench [model|attention] ARGS``: run a checkout's benchmark script with ARGS."""
+    import subprocess
+
+    argv = list(argv)
+    which = argv.pop(0) if argv and argv[0] in BENCH_SCRIPTS else "model"
+    folder = find_benchmarks()
+    if folder is None:
+        print("locore bench: no benchmarks/ folder found (neither in the current directory nor beside this "
+              "package): the benchmarks ship with the source checkout, not with the installed package; run "
+              "`locore bench` from the repository root", file=sys.stderr)
         return 2
-    return int(benchmark.main(list(argv)) or 0)
+    return subprocess.run([sys.executable, os.path.join(folder, BENCH_SCRIPTS[which]), *argv]).returncode
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -462,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     sub.add_parser("bench", add_help=False,
-                   help="latency / memory benchmarks (arguments go to locore.benchmark; see locore bench --help)")
+                   help="run the checkout's benchmarks: locore bench [model|attention] ARGS (see benchmarks/README.md)")
 
     p = sub.add_parser("demo", help="generate a small retrieval problem and run the whole pipeline on it",
                        description="Generate (seeded) a small retrieval problem in the AMES layout, re-rank it, "

@@ -32,9 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from locore_kernels import BACKENDS, AttentionLayout, attention_with_layout, build_layout
-from locore_kernels.epilogues import bias_gelu, bias_residual_layernorm
-from locore_kernels.reference import local_rows_attention
+from locore_kernels import (BACKENDS, AttentionLayout, attention_rows, attention_with_layout, bias_gelu,
+                            bias_residual_layernorm, build_layout)
 
 from .checkpoint import (check_keys, dropped_layer_prefixes, infer_config, load_into, open_checkpoint)
 from .config import LoCoReConfig, ProjectionConfig, apply_overrides, preset_config
@@ -157,7 +156,7 @@ class EncoderLayer(nn.Module):
         xr = x[:, rows]
         q = F.linear(xr, w[:H], b[:H]).view(B, -1, self.heads, H // self.heads)
         # O(len(rows) * N) dense rule on the read rows: same math as the attention op on those rows
-        a = local_rows_attention(q, k, v, rows, layout.is_global, layout.key_padding, layout.one_sided_window)
+        a = attention_rows(q, k, v, rows, layout)
         return self.feed_forward(self.post_attention(a.reshape(xr.shape), xr))
 
     def post_attention(self, a: Tensor, x: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import LoCoReConfig
+from locore.config import LoCoReConfig
 
 LM = "language_model.longformer."
 

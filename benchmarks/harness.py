@@ -1,4 +1,4 @@
-"""Benchmark harness: timing, peak memory, device slug, results JSON, plots, and ``locore bench``.
+"""Benchmark harness: timing, peak memory, device slug, results JSON, plots (dev-only; not in the package).
 
 The workloads live in ``benchmarks/bench_model.py`` and ``benchmarks/bench_attention.py``; this module
 holds what they share, so both measure the same way:
@@ -45,12 +45,12 @@ import torch
 __all__ = [
     "REPO_ROOT", "RESULTS_DIR", "TABLE5", "ROW_FIELDS", "Case", "MeasureSettings", "PeakMemory", "Timing",
     "add_common_args", "device_name", "device_slug", "environment", "git_commit", "format_table",
-    "load_results", "main", "measure_case", "percentile", "plot_attention", "plot_model", "plot_scaling",
+    "load_results", "measure_case", "percentile", "plot_attention", "plot_model", "plot_scaling",
     "results_path", "run_cases", "settings_from_args", "summarize", "synchronize", "time_runs",
     "write_results",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
 # SPEC section 9 (paper, Table 5: one query, 100-image shortlist). peak in MB (GB x 1024).
@@ -671,7 +671,7 @@ def settings_from_args(args) -> MeasureSettings:
     """Resolve device and measurement settings; fills ``args.device`` with a torch.device."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .model import as_device
+    from locore.model import as_device
 
     try:
         device = torch.device("cpu") if args.cpu else as_device(args.device or None)
@@ -700,48 +700,3 @@ def describe_settings(s: MeasureSettings) -> str:
            else "wall clock (perf_counter)")
     return (f"{s.warmup} warm-up calls, then {s.runs} timed runs ({how}) cycling over {s.rotate} "
             f"input sets{budget}; median, p10, p90")
-
-
-# --------------------------------------------------------------------------------------------------
-# locore bench
-# --------------------------------------------------------------------------------------------------
-
-def _load_script(name: str):
-    """Import ``benchmarks/<name>.py`` from the source checkout this package lives in."""
-    import importlib.util
-
-    path = REPO_ROOT / "benchmarks" / f"{name}.py"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: `locore bench` runs the benchmarks of a source "
-                                f"checkout (pip install -e .), and this install has none")
-    module_name = f"locore_bench_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses look their module up while the class is created
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[module_name]
-        raise
-    return module
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``locore bench [ARGS]`` runs the model benchmark (benchmarks/bench_model.py) with ARGS;
-    ``locore bench attention [ARGS]`` runs the attention benchmark (benchmarks/bench_attention.py)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    name = "bench_model"
-    if argv and argv[0] in ("attention", "model"):
-        name = "bench_attention" if argv.pop(0) == "attention" else "bench_model"
-    try:
-        script = _load_script(name)
-    except FileNotFoundError as exc:
-        print(f"locore bench: {exc}", file=sys.stderr)
-        return 2
-    return int(script.main(argv) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
