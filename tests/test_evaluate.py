@@ -164,3 +164,55 @@ def test_compute_map_matches_revisitop_loops_on_random_lists():
             m_ref, pr_ref = _revisitop_map(ranks.T.copy(), g, (1, 5, 10))
             assert m == pytest.approx(m_ref, abs=1e-12)
             np.testing.assert_allclose(pr, pr_ref, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# GLDv2 mAP@100 (rectangular rule, SPEC §7)
+# --------------------------------------------------------------------------------------------------
+
+from locore.evaluate import GLDV2_PRIVATE, gldv2_ap, gldv2_metrics  # noqa: E402
+
+
+def test_gldv2_ap_by_hand():
+    row = np.array([5, 1, 7, 2, 9])
+    # positives 1 (position 1) and 2 (position 3): (1/2 + 2/4) / min(2, 100)
+    assert gldv2_ap(row, [1, 2]) == pytest.approx((1 / 2 + 2 / 4) / 2)
+    # a positive that is never ranked still counts in the denominator (nres = #ok)
+    assert gldv2_ap(row, [1, 2, 42]) == pytest.approx((1 / 2 + 2 / 4) / 3)
+    assert np.isnan(gldv2_ap(row, []))
+
+
+def test_gldv2_ap_cuts_at_100_and_caps_the_denominator():
+    row = np.arange(300)
+    ok = [0, 150, 250]                       # only position 0 lies within the first 100
+    assert gldv2_ap(row, ok) == pytest.approx(1.0 / 3)
+    many = np.arange(0, 300, 2)              # 150 positives: nres = min(150, 100) = 100
+    expected = sum((j + 1) / (p + 1) for j, p in enumerate(range(0, 100, 2))) / 100
+    assert gldv2_ap(row, many) == pytest.approx(expected)
+    # no junk skipping: an image listed as junk is just a miss
+    assert gldv2_ap(np.array([3, 4]), [4]) == pytest.approx(0.5)
+
+
+def test_gldv2_splits_public_private_combined_and_leaves_out_queries_without_positives():
+    nq = GLDV2_PRIVATE + 3
+    ranks = np.tile(np.arange(10), (nq, 1))
+    gnd = [{"ok": [0]} for _ in range(nq)]        # AP 1 everywhere ...
+    gnd[0] = {"ok": [1]}                           # ... but 0.5 for the first public query
+    gnd[1] = {"ok": []}                            # left out
+    gnd[-1] = {"ok": [9]}                          # 0.1 for the last private query
+    m = gldv2_metrics(ranks, gnd, "gldv2-test")
+    assert m["public"] == pytest.approx(100 * (0.5 + 1.0) / 2)
+    assert m["private"] == pytest.approx(100 * (GLDV2_PRIVATE - 1 + 0.1) / GLDV2_PRIVATE)
+    assert m["combined"] == pytest.approx(100 * (0.5 + 1.0 + GLDV2_PRIVATE - 1 + 0.1) / (nq - 1))
+    val = gldv2_metrics(ranks, gnd, "gldv2-val")   # public only: the trailing 750 entries are dropped
+    assert set(val) == {"public"} and val["public"] == pytest.approx(m["public"])
+    assert gldv2_metrics(ranks[:3], gnd, "gldv2-val") == val
+
+
+def test_gldv2_refuses_mismatched_ground_truth():
+    with pytest.raises(ValueError, match="ground truth"):
+        gldv2_metrics(np.zeros((3, 5), np.int64), [{"ok": [1]}] * 4, "gldv2-test")
+    with pytest.raises(ValueError, match="'ok'"):
+        gldv2_metrics(np.zeros((1, 5), np.int64), [{"easy": [1]}], "gldv2-test")
+    with pytest.raises(ValueError, match="gldv2-val"):
+        gldv2_metrics(np.zeros((5, 5), np.int64), [{"ok": [1]}] * 10, "gldv2-val")

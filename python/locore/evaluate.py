@@ -1,4 +1,4 @@
-"""Retrieval metrics (SPEC §7): revisited Oxford / Paris mAP and mP@k, Recall@k and MAP@R.
+"""Retrieval metrics (SPEC §7): revisited Oxford / Paris mAP and mP@k, GLDv2 mAP@100, Recall@k and MAP@R.
 
 Conventions: ``ranks`` is ``[num_queries, n]`` database ids, best first (note: revisitop's own code
 takes the transpose). A ranked list may be shorter than the database (e.g. the first-stage top-k):
@@ -11,6 +11,11 @@ is the trapezoid rule: for the j-th positive (0-based) at junk-free 0-based posi
 number of positives. Queries without positives are left out of the mean. mP@k follows revisitop:
 with 1-based positive positions p, ``kq = min(max(p), k)`` and P = #{p ≤ kq} / kq (0 for a query none
 of whose positives is ranked).
+
+GLDv2 retrieval (``gldv2-test`` / ``gldv2-val``, ground truth with per-query ``ok`` lists, no junk):
+mAP@100 with the rectangular rule: AP = (sum over the positives at 0-based positions p < 100 of
+precision@(p + 1)) / min(#ok, 100); queries without any ``ok`` image are left out. gldv2-test reports
+public (all queries but the last 750), private (the last 750) and combined; gldv2-val public only.
 
 Splits: Easy: ok = easy, junk = junk + hard. Medium: ok = easy + hard, junk = junk.
 Hard: ok = hard, junk = junk + easy.
@@ -29,6 +34,7 @@ import numpy as np
 __all__ = [
     "SPLITS", "KAPPAS", "compute_ap", "compute_map", "revisited_gnd", "revisited_metrics",
     "protocol_first_stage", "protocol_runs", "recall_at_k", "map_at_r",
+    "GLDV2_PROTOCOLS", "GLDV2_PRIVATE", "gldv2_ap", "gldv2_metrics",
 ]
 
 SPLITS = ("easy", "medium", "hard")
@@ -80,6 +86,56 @@ def compute_map(ranks: np.ndarray, gnd: Sequence[Dict[str, Iterable[int]]],
     if not valid.any():
         return float("nan"), aps, np.full(len(kappas), np.nan), prs
     return float(aps[valid].mean()), aps, prs[valid].mean(axis=0), prs
+
+
+GLDV2_PROTOCOLS = ("gldv2-test", "gldv2-val")
+GLDV2_PRIVATE = 750   # the last 750 queries of gldv2-test are the private split
+GLDV2_CUTOFF = 100
+
+
+def gldv2_ap(row: np.ndarray, ok: np.ndarray, cutoff: int = GLDV2_CUTOFF) -> float:
+    """AP@cutoff of one ranked list ``row`` with positives ``ok`` (rectangular rule, no junk):
+    sum of precision@(p + 1) over the positives at 0-based positions p < cutoff, over min(#ok, cutoff).
+    NaN when ``ok`` is empty."""
+    ok = np.asarray(ok, dtype=np.int64).reshape(-1)
+    if ok.size == 0:
+        return float("nan")
+    pos = np.flatnonzero(np.isin(np.asarray(row)[:cutoff], ok))
+    precision = np.arange(1, pos.size + 1) / (pos + 1.0)   # the j-th positive at p: (j + 1) / (p + 1)
+    return float(precision.sum() / min(ok.size, cutoff))
+
+
+def gldv2_metrics(ranks: np.ndarray, gnd: Sequence[Dict[str, Iterable[int]]], protocol: str = "gldv2-test",
+                  cutoff: int = GLDV2_CUTOFF) -> Dict[str, float]:
+    """GLDv2 mAP@100 in percent (unrounded): ``{"public", "private", "combined"}`` for ``gldv2-test``,
+    ``{"public"}`` for ``gldv2-val``. ``gnd`` entries need ``ok``; ``ranks [Q, n]`` row i belongs to
+    ``gnd[i]`` (for gldv2-val the gnd may hold the 750 trailing entries beyond the ranked queries,
+    which are dropped). The public split is every query but the last 750 of the test set."""
+    ranks = np.asarray(ranks)
+    if protocol not in GLDV2_PROTOCOLS:
+        raise ValueError(f"unknown GLDv2 protocol {protocol!r}; expected one of {GLDV2_PROTOCOLS}")
+    nq = ranks.shape[0]
+    if protocol == "gldv2-val":  # public = the gnd without its 750 trailing entries
+        public = len(gnd) - GLDV2_PRIVATE
+        if public < 1 or nq not in (public, len(gnd)):
+            raise ValueError(f"ranks has {nq} queries but the gldv2-val ground truth has {len(gnd)} entries "
+                             f"(expected ranks for its first {max(public, 0)} or all {len(gnd)})")
+        nq = public
+    elif len(gnd) != nq:
+        raise ValueError(f"ranks has {nq} queries but the ground truth {len(gnd)}")
+    for i, g in enumerate(gnd[:nq]):
+        if "ok" not in g:
+            raise ValueError(f"gnd[{i}] has no 'ok' list: GLDv2 protocols need per-query ok lists")
+    aps = np.array([gldv2_ap(ranks[i], gnd[i]["ok"], cutoff) for i in range(nq)])
+
+    def mean(sel: np.ndarray) -> float:
+        sel = sel[~np.isnan(sel)]
+        return 100.0 * float(sel.mean()) if sel.size else float("nan")
+
+    if protocol == "gldv2-val":
+        return {"public": mean(aps)}
+    split = max(nq - GLDV2_PRIVATE, 0)
+    return {"public": mean(aps[:split]), "private": mean(aps[split:]), "combined": mean(aps)}
 
 
 def revisited_gnd(gnd: Sequence[Dict[str, np.ndarray]], split: str) -> List[Dict[str, np.ndarray]]:
