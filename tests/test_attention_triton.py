@@ -252,10 +252,17 @@ def test_split_plan_covers_every_key_once(n, g):
 
 _AOT_SCRIPT = textwrap.dedent("""
     import json, sys
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    # the fused epilogues are defined only where CUDA is visible: pretend it is while importing the package
+    # (its __init__ imports them), then restore the truth
+    available = torch.cuda.is_available
+    torch.cuda.is_available = lambda: True
+    import locore_kernels.epilogues as ep
     import locore_kernels.triton_attention as ta
+    torch.cuda.is_available = available
 
     PTR = {"Q", "K", "V", "Out", "QG", "KG", "VG"}
     def compile_one(fn, dtype, consts, num_warps, num_stages):
@@ -290,12 +297,7 @@ _AOT_SCRIPT = textwrap.dedent("""
                 out[f"{kind}-{dtype}-{i}"] = compile_one(fn, dtype, consts, cfg.num_warps, cfg.num_stages)
     out["combine-bf16"] = compile_one(ta._global_rows_combine_kernel, "bf16", {"HEAD_DIM": 64, "BLOCK_G": ta.COMBINE_BLOCK_G}, 4, 1)
 
-    # the fused epilogues (defined only where CUDA is visible: pretend it is while importing them)
-    import torch
-    available = torch.cuda.is_available
-    torch.cuda.is_available = lambda: True
-    import locore_kernels.epilogues as ep
-    torch.cuda.is_available = available
+    # the fused epilogues
     for dtype in ("bf16", "fp32"):
         t = "*" + dtype
         sig = {"Y": t, "Bias": t, "n_cols": "i32", "stride_y": "i32", "BLOCK": "constexpr"}
