@@ -8,6 +8,7 @@ below says which reference tensor fills which rows of which parameter, and is us
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -18,6 +19,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor
 
+from .data.errors import DataError, UnsafePickleError
+from .data.pickles import check_torch_file
 from .config import (LoCoReConfig, ProjectionConfig, apply_overrides, check_overrides,
                      fields_from_longformer_json)
 
@@ -95,10 +98,12 @@ def key_map(cfg: LoCoReConfig) -> list[KeyMapEntry]:
 # Reading files: a name -> shape listing first, tensors one at a time (peak memory ~ the model).
 
 class TensorSource:
-    """Names and shapes of a checkpoint's tensors, and lazy access to each one."""
+    """Names, shapes and dtypes of a checkpoint's tensors, and lazy access to each one."""
 
-    def __init__(self, path: str, shapes: dict[str, tuple[int, ...]], get, config_json: Optional[dict] = None):
+    def __init__(self, path: str, shapes: dict[str, tuple[int, ...]], get, config_json: Optional[dict] = None,
+                 dtypes: Optional[dict[str, torch.dtype]] = None):
         self.path, self.shapes, self._get, self.config_json = path, shapes, get, config_json
+        self.dtypes = dtypes or {}
 
     def __getitem__(self, key: str) -> Tensor:
         return self._get(key)
@@ -109,11 +114,17 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+SAFETENSORS_MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
+
+
+def _is_count(x: Any) -> bool:
+    return type(x) is int and x >= 0  # bool is not int here; floats and strings are not counts
 
 
 def _read_safetensors(path: str) -> TensorSource:
     """The safetensors layout (u64 header size, JSON header, raw little-endian data) read with plain
-    file reads, one tensor at a time: a memory map would add the whole file to the resident set."""
+    file reads, one tensor at a time: a memory map would add the whole file to the resident set.
+    The header is validated here, in Python integers (no wrap-around), before anything is allocated."""
     def bad(why: str) -> CheckpointError:
         return CheckpointError(f"{path}: not a readable safetensors file ({why})")
 
@@ -121,25 +132,35 @@ def _read_safetensors(path: str) -> TensorSource:
     with open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= n <= size - 8:
+        if not 2 <= n <= min(size - 8, SAFETENSORS_MAX_HEADER):
             raise bad("bad header size")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise bad(f"header is not JSON: {e}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise bad(f"header is not JSON: {type(e).__name__}") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     header.pop("__metadata__", None)
+    data_size = size - 8 - n
     entries = {}
     for key, e in header.items():
-        try:
-            dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"bad entry for {key!r}: {e!r}") from None
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
-        if end - begin != nbytes or not 0 <= begin <= end <= size - 8 - n:
-            raise bad(f"data offsets of {key!r} do not match its shape and dtype")
-        entries[key] = (dtype, shape, 8 + n + begin)
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"entry {key!r} must have exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+            raise bad(f"entry {key!r}: unknown dtype {str(dtype)[:20]!r} (expected one of {list(_SAFETENSORS_DTYPES)})")
+        if not isinstance(shape, list) or len(shape) > 16 or not all(_is_count(s) for s in shape):
+            raise bad(f"entry {key!r}: shape must be a list of non-negative integers, got {str(shape)[:60]}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise bad(f"entry {key!r}: data_offsets must be two non-negative integers, got {str(offsets)[:60]}")
+        torch_dtype = _SAFETENSORS_DTYPES[dtype]
+        nbytes = math.prod(shape) * torch_dtype.itemsize  # Python ints: a 2**62-element shape cannot wrap
+        begin, end = offsets
+        if end - begin != nbytes:
+            raise bad(f"data offsets of {key!r} span {end - begin} bytes but shape {shape} of {dtype} needs {nbytes}")
+        if not begin <= end <= data_size:
+            raise bad(f"data of {key!r} ({begin}..{end}) lies outside the file's {data_size} data bytes")
+        entries[key] = (torch_dtype, tuple(shape), 8 + n + begin)
 
     def get(key: str) -> Tensor:
         dtype, shape, offset = entries[key]
@@ -150,11 +171,23 @@ def _read_safetensors(path: str) -> TensorSource:
                 raise bad(f"file ends inside {key!r}")
         return t
 
-    return TensorSource(path, {k: e[1] for k, e in entries.items()}, get)
+    return TensorSource(path, {k: e[1] for k, e in entries.items()}, get,
+                        dtypes={k: e[0] for k, e in entries.items()})
 
 
 def _read_torch(path: str) -> TensorSource:
-    """torch.load with weights_only=True: a file that needs arbitrary pickle code is refused, never run."""
+    """torch.load with weights_only=True, after a dry run of the file's pickle through the metered
+    restricted unpickler (locore.data.pickles): a file that needs arbitrary pickle code is refused, never
+    run, and one whose pickle would build far more than the file holds (bytearray(10**10), a storage
+    larger than its record) is refused before torch allocates it."""
+    try:
+        check_torch_file(path)
+    except UnsafePickleError as e:
+        raise CheckpointError(f"{path}: refused to load: {e} (checked before torch.load(weights_only=True): a "
+                              "checkpoint may hold only tensors in dicts; arbitrary pickle code is never run). "
+                              "Re-save the weights as safetensors, or as a plain dict of tensors.") from None
+    except DataError as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from None
     try:
         with warnings.catch_warnings():  # pickle-protocol notices for plain pickles: the refusal says enough
             warnings.simplefilter("ignore", UserWarning)
@@ -179,7 +212,8 @@ def _read_torch(path: str) -> TensorSource:
         obj = next(iter(obj.values()))
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{path}: expected a state dict (str -> Tensor), got {type(obj).__name__}")
-    return TensorSource(path, {k: tuple(v.shape) for k, v in obj.items()}, obj.__getitem__)
+    return TensorSource(path, {k: tuple(v.shape) for k, v in obj.items()}, obj.__getitem__,
+                        dtypes={k: v.dtype for k, v in obj.items()})
 
 
 def open_checkpoint(path: str | os.PathLike) -> TensorSource:
@@ -302,14 +336,30 @@ def dropped_layer_prefixes(shapes: dict[str, tuple[int, ...]], keep: int) -> tup
 
 
 def load_into(model: torch.nn.Module, src: TensorSource, entries: list[KeyMapEntry]) -> None:
-    """Copy each reference tensor into its rows of the model's parameters (dtype/device converted)."""
+    """Copy each reference tensor into its rows of the model's parameters (dtype/device converted).
+
+    Refused, naming the key: a tensor that is not floating point (an int64 or bool tensor would load as
+    numbers that were never weights), and one holding NaN or inf (it would give finite but wrong scores).
+    """
+    not_float = [f"{e.ref}: {src.dtypes[e.ref]}" for e in entries
+                 if e.ref in src.dtypes and not src.dtypes[e.ref].is_floating_point]
+    if not_float:
+        raise CheckpointError(f"{src.path}: {len(not_float)} checkpoint tensors are not floating point (weights "
+                              "must be float16 / bfloat16 / float32 / float64):\n    " + "\n    ".join(not_float))
     params = dict(model.named_parameters())
     params.update(model.named_buffers())
     with torch.no_grad():
         for e in entries:
+            t = src[e.ref]
+            if not t.is_floating_point():
+                raise CheckpointError(f"{src.path}: tensor {e.ref} is {t.dtype}, not floating point")
+            if not torch.isfinite(t).all():
+                bad = int((~torch.isfinite(t)).sum())
+                raise CheckpointError(f"{src.path}: tensor {e.ref} holds {bad} NaN / inf values; refusing "
+                                      "non-finite weights")
             dst = params[e.param]
             dst = dst[e.rows] if e.rows is not None else dst
-            dst.copy_(src[e.ref])
+            dst.copy_(t)
 
 
 def iter_reference(model: torch.nn.Module, cfg: LoCoReConfig) -> Iterator[tuple[str, Tensor]]:
