@@ -7,10 +7,11 @@ import pickle
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import save_file
 
 from locore import LoCoRe, LoCoReConfig
-from locore.checkpoint import CheckpointError, key_map, state_dict_to_reference
+from locore.checkpoint import CheckpointError, key_map, open_checkpoint, state_dict_to_reference
 from locore.config import ProjectionConfig
 from hf_baseline import random_reference_state_dict
 
@@ -181,3 +182,110 @@ def test_round_trip_state_dict_to_reference(tmp_path):
         # every parameter is covered by the key map
         covered = {e.param for e in key_map(model.config)}
         assert covered == set(model.state_dict())
+
+
+# ------------------------------------------------------------------------------------------------
+# Refused at load (issue 13.2, 13.8, 13.9): non-finite / non-float weights, hostile headers, memory bombs.
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_non_finite_weights_are_refused_naming_the_key(tmp_path, bad, suffix):
+    sd = random_reference_state_dict(CFG)
+    key = LM + "encoder.layer.1.output.dense.weight"
+    sd[key][3, 5] = bad
+    path = tmp_path / f"m{suffix}"
+    save_file(sd, str(path)) if suffix == ".safetensors" else torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=rf"{key} holds 1 NaN / inf values"):
+        load(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.int32])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_integer_and_bool_tensors_are_refused_naming_key_and_dtype(tmp_path, dtype, suffix):
+    sd = random_reference_state_dict(CFG)
+    key = LM + "embeddings.LayerNorm.bias"
+    sd[key] = sd[key].round().to(dtype)
+    path = tmp_path / f"m{suffix}"
+    save_file(sd, str(path)) if suffix == ".safetensors" else torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=rf"not floating point.*\n.*{key}: {dtype}"):
+        load(path)
+
+
+def _safetensors_with_header(path, header: dict, data: bytes = b"\0" * 16):
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize("entry, why", [
+    ({"dtype": "F32", "shape": [2.5, 2], "data_offsets": [0, 16]}, "shape must be a list of non-negative integers"),
+    ({"dtype": "F32", "shape": ["2", 2], "data_offsets": [0, 16]}, "shape must be a list of non-negative integers"),
+    ({"dtype": "F32", "shape": [True, 4], "data_offsets": [0, 16]}, "shape must be a list of non-negative integers"),
+    ({"dtype": "F32", "shape": [-1, 4], "data_offsets": [0, 16]}, "shape must be a list of non-negative integers"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": ["0", "16"]}, "data_offsets must be two non-negative integers"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [0]}, "data_offsets must be two non-negative integers"),
+    ({"dtype": "F32", "shape": [2**62], "data_offsets": [0, 0]}, "span 0 bytes but shape"),
+    ({"dtype": "F32", "shape": [2**62, 2**2], "data_offsets": [0, 16]}, "span 16 bytes but shape"),
+    ({"dtype": "F32", "shape": [2**31, 2**31, 2**2], "data_offsets": [0, 0]}, "span 0 bytes"),
+    ({"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}, "outside the file"),
+    ({"dtype": "X9", "shape": [4], "data_offsets": [0, 16]}, "unknown dtype"),
+    ({"dtype": "F32", "shape": [4]}, "exactly dtype, shape and data_offsets"),
+    ("not a dict", "exactly dtype, shape and data_offsets"),
+])
+def test_hostile_safetensors_headers_give_one_line_errors(tmp_path, entry, why):
+    path = tmp_path / "h.safetensors"
+    _safetensors_with_header(path, {"w": entry})
+    with pytest.raises(CheckpointError, match=why) as info:
+        load(path)
+    assert "h.safetensors" in str(info.value) and "\n" not in str(info.value)
+
+
+class _Bytearray:
+    def __reduce__(self):
+        return (bytearray, (10**10,))
+
+
+def test_pt_memory_bomb_is_refused_before_torch_allocates(tmp_path):
+    path = tmp_path / "bomb.pt"
+    torch.save({"w": torch.zeros(1), "x": _Bytearray()}, path)
+    assert path.stat().st_size < 2000
+    with pytest.raises(CheckpointError, match="refused to load.*bytearray"):
+        load(path)
+    legacy = tmp_path / "bomb_legacy.pt"
+    torch.save({"x": _Bytearray()}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="refused to load.*bytearray"):
+        load(legacy)
+
+
+@pytest.fixture(scope="module")
+def valid_small_files(tmp_path_factory) -> tuple[pathlib.Path, dict]:
+    folder = tmp_path_factory.mktemp("fuzz")
+    cfg = LoCoReConfig(hidden=8, num_layers=1, num_attention_heads=2, intermediate=8, max_position_embeddings=16,
+                       attention_window=4, local_dim=8, global_dim=None)
+    sd = random_reference_state_dict(cfg)
+    save_file(sd, str(folder / "ok.safetensors"))
+    torch.save(sd, folder / "ok.pt")
+    return folder, {s: (folder / f"ok{s}").read_bytes() for s in (".safetensors", ".pt")}
+
+
+@settings(max_examples=150, deadline=5000, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(suffix=st.sampled_from([".safetensors", ".pt"]),
+       edits=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=8),
+       cut=st.one_of(st.none(), st.floats(0, 1)))
+def test_random_corruptions_give_only_checkpoint_errors(valid_small_files, suffix, edits, cut):
+    """Random byte corruptions of a valid small .safetensors and .pt: a CheckpointError (or a clean load,
+    when the bytes hit tensor data), never another exception; hypothesis' deadline catches a hang."""
+    folder, files = valid_small_files
+    data = bytearray(files[suffix])
+    for where, value in edits:
+        data[int(where * len(data))] = value
+    if cut is not None:
+        data = data[: int(cut * len(data))]
+    path = folder / f"fuzz{suffix}"
+    path.write_bytes(bytes(data))
+    try:
+        src = open_checkpoint(path)
+        for key in src.shapes:
+            src[key]
+    except CheckpointError as e:
+        assert str(path) in str(e)
