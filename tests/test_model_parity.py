@@ -216,3 +216,27 @@ def test_l2_normalised_projections(tmp_path):
     model = LoCoRe.from_pretrained(path, device="cpu", num_attention_heads=4, attention_window=8, l2_normalize=True)
     assert model.config == cfg
     check_against_oracle(model, sd, make_inputs(cfg, 2, 5, 4, True))
+
+
+def test_large_layer_norm_eps_reaches_every_layer_norm(tmp_path):
+    """layer_norm_eps = 1.0: a LayerNorm that ignores the configured eps (a hard-coded 1e-5) moves the
+    logits by order 1, far past the 1e-4 bound. The oracle side shows the case is sensitive to each of
+    the embedding LayerNorm and both LayerNorms of every layer."""
+    cfg = LoCoReConfig(**SMALL, num_layers=2, local_dim=32, global_dim=48, layer_norm_eps=1.0,
+                       local_projection=ProjectionConfig("linear"), global_projection=ProjectionConfig("linear"))
+    sd, path = save_checkpoint(tmp_path, cfg)
+    model = LoCoRe.from_pretrained(path, device="cpu", num_attention_heads=4, attention_window=8, layer_norm_eps=1.0)
+    assert model.config.layer_norm_eps == 1.0
+    inputs = make_inputs(cfg, 2, 5, 4, True)
+    check_against_oracle(model, sd, inputs)
+    logits = model(*inputs)
+    hf = build_hf_longformer(sd, cfg, torch.float64)
+    norms = {"embeddings": hf.embeddings.LayerNorm}
+    for i, layer in enumerate(hf.encoder.layer):
+        norms[f"layer {i} attention output"] = layer.attention.output.LayerNorm
+        norms[f"layer {i} output"] = layer.output.LayerNorm
+    for name, ln in norms.items():
+        ln.eps = 1e-5
+        err = rel_err(logits, hf_logits(hf, sd, cfg, *inputs))
+        ln.eps = 1.0
+        assert err > 100 * FP32_TOL, f"eps of the {name} LayerNorm changes the logits by only {err:.1e}"
