@@ -55,7 +55,8 @@ def test_local_reads_only_the_rows_asked_for(tmp_path):
             self.keys.append(key)
             return self.ds[key]
 
-    lf._ds = spy = Spy(lf._ds)
+    (part,) = lf._files
+    part._ds = spy = Spy(part._ds)
     b = lf.read([40, 2, 17])
     np.testing.assert_array_equal(b.desc, desc[[40, 2, 17], :3])
     (key,) = spy.keys
@@ -180,14 +181,15 @@ def test_gnd_roundtrip_lists_and_numpy(tmp_path):
     gnd = [{"easy": [1, 2], "hard": [5], "junk": [], "bbx": [1.0, 2.0, 30.5, 40.0]},
            {"easy": np.array([0]), "hard": np.array([], dtype=np.int64), "junk": np.array([3, 4]),
             "bbx": np.array([0.0, 0.0, 9.0, 9.0])}]
-    write_gnd(tmp_path / "gnd_x.pkl", gnd, ["a", "b"], ["q0", "q1"])
+    imlist = [f"im{i}" for i in range(6)]
+    write_gnd(tmp_path / "gnd_x.pkl", gnd, imlist, ["q0", "q1"])
     out = read_gnd(tmp_path / "gnd_x.pkl")
-    assert out["imlist"] == ["a", "b"] and out["qimlist"] == ["q0", "q1"]
+    assert out["imlist"] == imlist and out["qimlist"] == ["q0", "q1"]
     assert out["gnd"][0]["easy"].tolist() == [1, 2] and out["gnd"][1]["junk"].tolist() == [3, 4]
     assert out["gnd"][1]["hard"].dtype == np.int64 and out["gnd"][0]["bbx"] == [1.0, 2.0, 30.5, 40.0]
     # numpy values straight in the pickle (protocol 2, as Python-2-era files are)
     raw = {"gnd": [{"easy": np.array([7]), "hard": np.array([8]), "junk": np.array([9]),
-                    "bbx": np.array([1.0, 2, 3, 4])}], "imlist": ["a"], "qimlist": ["b"]}
+                    "bbx": np.array([1.0, 2, 3, 4])}], "imlist": list("abcdefghij"), "qimlist": ["b"]}
     (tmp_path / "gnd_np.pkl").write_bytes(pickle.dumps(raw, protocol=2))
     assert read_gnd(tmp_path / "gnd_np.pkl")["gnd"][0]["hard"].tolist() == [8]
     (tmp_path / "gnd_bad.pkl").write_bytes(pickle.dumps({"imlist": []}))

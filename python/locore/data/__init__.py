@@ -2,8 +2,10 @@
 
 Layout of a dataset folder (the AMES layout; ``{desc}`` is the descriptor name, e.g. ``dinov2``)::
 
-    DIR/{desc}_query_local.hdf5     HDF5 dataset "features", float32 [num_queries, slots, 5 + D]
-    DIR/{desc}_gallery_local.hdf5   HDF5 dataset "features", float32 [num_images, slots, 5 + D]
+    DIR/{desc}_query_local.hdf5     HDF5 dataset "features": flat float [num_queries, slots, 5 + D], or
+                                    structured [num_queries] {metadata <f4 (slots, 5), descriptor <f2 (slots, D)}
+    DIR/{desc}_gallery_local.hdf5   the same for [num_images]; may be virtual, or split into shards
+                                    {desc}_gallery_local_xaa.hdf5, ... (see folder.py, +1M distractors too)
     DIR/{desc}_query_global.pt      raw float32 [num_queries, D_global], row-major (no pickle inside)
     DIR/{desc}_gallery_global.pt    raw float32 [num_images, D_global]
     DIR/nn_{desc}.pkl               pickled [2, num_queries, topk]: [0] similarities, [1] image ids
@@ -23,15 +25,18 @@ tensors and refuses every other global with :class:`UnsafePickleError` (naming i
 from __future__ import annotations
 
 from .errors import DataError, UnsafePickleError
-from .folder import EXPECTED_LAYOUT, AmesFiles, ames_paths, locate_files
+from .database import ConcatRows, Database, open_database
+from .folder import EXPECTED_LAYOUT, AmesFiles, ames_paths, locate_files, split_shards
 from .global_desc import GlobalFeatures, write_global
-from .lists import Neighbours, read_gnd, read_neighbours, write_gnd, write_neighbours
-from .local import LocalBatch, LocalFeatures, write_local
+from .lists import Neighbours, read_gnd, read_neighbours, read_ranks, write_gnd, write_neighbours
+from .local import (DESCRIPTOR_BOUND, LocalBatch, LocalFeatures, structured_dtype, validate_rows, write_local,
+                    write_virtual_local)
 from .pickles import RestrictedUnpickler, safe_load_pickle
 
 __all__ = [
     "DataError", "UnsafePickleError", "RestrictedUnpickler", "safe_load_pickle",
-    "LocalBatch", "LocalFeatures", "GlobalFeatures", "Neighbours", "read_neighbours", "read_gnd",
-    "write_local", "write_global", "write_neighbours", "write_gnd",
-    "AmesFiles", "ames_paths", "locate_files", "EXPECTED_LAYOUT",
+    "LocalBatch", "LocalFeatures", "GlobalFeatures", "Neighbours", "read_neighbours", "read_gnd", "read_ranks",
+    "write_local", "write_virtual_local", "write_global", "write_neighbours", "write_gnd", "structured_dtype",
+    "validate_rows", "DESCRIPTOR_BOUND", "AmesFiles", "ames_paths", "locate_files", "split_shards",
+    "EXPECTED_LAYOUT", "Database", "ConcatRows", "open_database",
 ]
