@@ -104,7 +104,8 @@ class _LocalFile:
                                 "and that file does not exist")
         obj = self._file.get("features")
         if obj is None:
-            raise DataError(f"{self.path}: 'features' is a link ({type(link).__name__}) to nothing")
+            raise DataError(f"{self.path}: 'features' cannot be opened (a dangling {type(link).__name__}, or a "
+                            "damaged file)")
         if not isinstance(obj, h5py.Dataset):
             raise DataError(f"{self.path}: 'features' is a {type(obj).__name__}, expected a dataset")
         return obj
