@@ -76,6 +76,12 @@ class Database:
     def num_images(self) -> int:
         return len(self.gallery_local)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     def close(self) -> None:
         for r in (self.query_local, self.gallery_local, self.query_global, self.gallery_global):
             if r is not None and hasattr(r, "close"):
