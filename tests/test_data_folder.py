@@ -117,6 +117,9 @@ def test_distractors_follow_the_gallery_and_nothing_else_changes(tmp_path):
         assert read_gnd(files.gnd, num_images=db.num_gallery)["gnd"][0]["hard"].tolist() == [9]
         with pytest.raises(DataError, match="out of range"):
             db.gallery_local.read([17])
+        db.set_num_scales(2)  # the model's: the files hold scale 2 somewhere
+        with pytest.raises(DataError, match=r"scale index\): value 2\.0; expected an integer in 0\.\.1"):
+            db.gallery_local.read(range(17))
     finally:
         db.close()
 

@@ -76,6 +76,10 @@ class Database:
     def num_images(self) -> int:
         return len(self.gallery_local)
 
+    def set_num_scales(self, num_scales: int) -> None:
+        """Bound the scale index checked at read by the model's ``num_scales`` (known once it is loaded)."""
+        self.query_local.num_scales = self.gallery_local.num_scales = int(num_scales)
+
     def __enter__(self):
         return self
 
