@@ -49,7 +49,7 @@ def test_local_reads_only_the_rows_asked_for(tmp_path):
 
     class Spy:
         def __init__(self, ds):
-            self.ds, self.keys = ds, []
+            self.ds, self.keys, self.dtype = ds, [], ds.dtype
 
         def __getitem__(self, key):
             self.keys.append(key)
@@ -59,11 +59,12 @@ def test_local_reads_only_the_rows_asked_for(tmp_path):
     part._ds = spy = Spy(part._ds)
     b = lf.read([40, 2, 17])
     np.testing.assert_array_equal(b.desc, desc[[40, 2, 17], :3])
-    (key,) = spy.keys
-    rows = key[0]
-    assert list(np.asarray(rows)) == [2, 17, 40] and key[1] == slice(None, 3)  # 3 rows, first 3 slots
-    lf.read([10, 11, 12])
-    assert spy.keys[-1][0] == slice(10, 13)
+    # one hyperslab per run of consecutive ids: 3 single rows, first 3 slots each
+    assert [k[:2] for k in spy.keys] == [(slice(2, 3), slice(None, 3)), (slice(17, 18), slice(None, 3)),
+                                         (slice(40, 41), slice(None, 3))]
+    spy.keys.clear()
+    lf.read([12, 10, 11, 30])
+    assert [k[0] for k in spy.keys] == [slice(10, 13), slice(30, 31)]
     lf.close()
 
 

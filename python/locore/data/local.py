@@ -32,7 +32,7 @@ DEFAULT_NUM_SCALES = 3  # SPEC section 1; set LocalFeatures.num_scales from the 
 METADATA_COLUMNS = ("x", "y", "scale index", "mask", "detector weight")
 STRUCTURED_FIELDS = ("metadata", "descriptor")
 # Exceptions h5py raises on damaged or unexpected files; turned into one-line DataErrors naming the file.
-_H5_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError)
+_H5_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError)
 
 
 @contextmanager
@@ -176,13 +176,22 @@ class _LocalFile:
         n = local_ids.size
         if n == 0:
             return np.zeros((0, S, 5), np.float32), np.zeros((0, S, self.dim), np.float32)
-        contiguous = local_ids[-1] - local_ids[0] + 1 == n
-        sel = slice(int(local_ids[0]), int(local_ids[-1]) + 1) if contiguous else local_ids  # h5py wants sorted
         with _h5_errors(self.path, f"reading {n} rows"):
             if self.layout == "flat":
-                rows = np.asarray(self._ds[sel, :S, :])
+                # one hyperslab per run of consecutive ids: h5py's point selection (ds[list]) is ~40x
+                # slower here (benchmarks/bench_data.py)
+                cuts = np.flatnonzero(np.diff(local_ids) != 1) + 1
+                runs = np.split(local_ids, cuts)
+                rows = np.empty((n, S, self.dim + 5), self._ds.dtype)
+                at = 0
+                for run in runs:
+                    a, b = int(run[0]), int(run[-1]) + 1
+                    rows[at:at + b - a] = self._ds[a:b, :S, :]
+                    at += b - a
                 meta, desc = rows[:, :, :5], rows[:, :, 5:]
-            else:  # a compound row is read whole; the leading S slots are kept
+            else:  # a compound row is read whole (point selection is the fast path for it); S slots kept
+                contiguous = local_ids[-1] - local_ids[0] + 1 == n
+                sel = slice(int(local_ids[0]), int(local_ids[-1]) + 1) if contiguous else local_ids
                 rec = self._ds[sel]
                 meta, desc = rec["metadata"][:, :S], rec["descriptor"][:, :S]
         return meta.astype(np.float32, copy=False), np.ascontiguousarray(desc, dtype=np.float32)
