@@ -209,8 +209,8 @@ def validate_rows(path: str, image_ids: np.ndarray, meta: np.ndarray, desc: np.n
     """Refuse what the model cannot use, naming ``path``, the image id and the column: a descriptor value
     that is NaN / inf or above ``bound`` in magnitude, a scale index that is not an integer in
     ``[0, num_scales)``, a mask that is not exactly 0 or 1. ``image_ids[i]`` is the id of row i."""
-    bad = ~(np.abs(desc) <= bound)  # NaN compares False
-    if bad.any():
+    if desc.size and not (desc.min() >= -bound and desc.max() <= bound):  # NaN fails both; locate it below
+        bad = ~(np.abs(desc) <= bound)
         i, s, c = _first_bad(bad)
         raise DataError(f"{path}: image {image_ids[i]}, slot {s}, descriptor column {5 + c}: value {desc[i, s, c]} "
                         f"(descriptors must be finite with |x| <= {bound:g})")
@@ -295,8 +295,10 @@ class LocalFeatures:
         if not metas:
             return LocalBatch(desc=np.zeros((0, S, self.dim), np.float32), scales=np.zeros((0, S), np.int64),
                               mask=np.zeros((0, S), bool))
-        meta = np.concatenate(metas)[inverse.reshape(-1)]
-        desc = np.concatenate(descs)[inverse.reshape(-1)]
+        meta = metas[0] if len(metas) == 1 else np.concatenate(metas)
+        desc = descs[0] if len(descs) == 1 else np.concatenate(descs)
+        if uniq.size != ids.size or (ids != uniq).any():  # back to the order (and repeats) asked for
+            meta, desc = meta[inverse.reshape(-1)], desc[inverse.reshape(-1)]
         return LocalBatch(desc=np.ascontiguousarray(desc), scales=meta[:, :, 2].astype(np.int64),
                           mask=meta[:, :, 3] != 0)
 
