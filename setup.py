@@ -41,7 +41,7 @@ setup(
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["locore_kernels", "locore", "locore.data"],
+    packages=["locore_kernels", "locore", "locore.data", "locore.integrations"],
     package_dir={"locore_kernels": "locore_kernels", "locore": "python/locore"},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext},
