@@ -167,10 +167,44 @@ def test_set_attention_callable_is_used_by_every_layer():
     model(*inputs)
     assert len(calls) == 3
     calls.clear()
-    model.score(*inputs, mode="max-end")  # the pruned last layer attends its K rows itself
-    assert len(calls) == 2
+    model.score(*inputs, mode="max-end")  # the pruned last layer calls it too, on the whole sequence
+    assert len(calls) == 3
     with pytest.raises(ValueError, match="attention must be"):
         model.set_attention("gpu")
+
+
+def test_set_attention_backend_governs_the_pruned_rows_layer(monkeypatch):
+    """A backend name reaches the pruned last layer through locore_kernels.attention_rows."""
+    import locore.model as model_module
+
+    seen = []
+    real = model_module.attention_rows
+
+    def rows_op(q_rows, k, v, rows, layout, *, backend=None):
+        seen.append((backend, q_rows.shape[1]))
+        return real(q_rows, k, v, rows, layout, backend=backend)
+
+    monkeypatch.setattr(model_module, "attention_rows", rows_op)
+    model = LoCoRe.preset("tiny", device="cpu", num_layers=2, attention_window=16)
+    inputs = make_inputs(model.config, 1, 4, 5, True)
+    model.set_attention("reference")
+    pruned = model.score(*inputs, mode="max-end")
+    assert seen == [("reference", 4)]  # one call, the last layer, K = 4 rows
+    model.prune_last_layer = False
+    assert rel_err(model.score(*inputs, mode="max-end"), pruned) <= 1e-5
+    assert len(seen) == 1
+    model.prune_last_layer = True
+    seen.clear()
+    model.score(*inputs, mode="max-sum")  # reads every column: never pruned
+    assert seen == []
+
+
+def test_meta_device_inputs_are_refused():
+    model = LoCoRe.preset("tiny", device="cpu", num_layers=1)
+    inputs = make_inputs(model.config, 1, 3, 4, True)
+    inputs[3] = inputs[3].to("meta")
+    with pytest.raises(ValueError, match="gallery_local is a meta-device tensor"):
+        model.score(*inputs)
 
 
 def test_input_validation_messages():
