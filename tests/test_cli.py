@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from locore import cli
+from locore import cli, pipeline
 from locore.data import read_gnd, read_neighbours, write_local
 from locore.demo import generate_problem
 from locore.evaluate import protocol_first_stage, revisited_metrics
@@ -155,7 +155,7 @@ def test_window_larger_than_the_position_table(folder, tmp_path, capsys, monkeyp
     from locore.model import LoCoRe
 
     small = LoCoRe.preset("tiny", num_layers=1, max_position_embeddings=52)  # 50 tokens: (1 + W) * 10 <= 50
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: (small, True))
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (small, True))
     rc, _, err = _run(capsys, _rerank_args(folder, tmp_path, "--sliding", "end-to-start", "--shortlist", "12",
                                            "--window", "5", "--stride", "3"))
     assert rc == 2
@@ -272,11 +272,13 @@ def test_demo_runs_and_prints_the_agreement(tmp_path, capsys):
 
 
 def test_cli_name_lists_match_the_model():
-    """The CLI keeps torch-free copies of the model's score modes and dtype names: they must agree."""
+    """--mode offers the score-mode table's names (the model reads the same table); every --dtype parses."""
     from locore.model import MODES, as_dtype
+    from locore.scoring import SCORE_MODES
 
-    assert tuple(cli.SCORE_MODES) == tuple(MODES)
-    rerank = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["rerank"]._actions
-                  if a.dest == "dtype")
-    for name in rerank.choices:
+    actions = cli.build_parser()._subparsers._group_actions[0].choices["rerank"]._actions
+    mode = next(a for a in actions if a.dest == "mode")
+    assert tuple(mode.choices) == tuple(SCORE_MODES) == tuple(MODES)
+    dtype = next(a for a in actions if a.dest == "dtype")
+    for name in dtype.choices:
         as_dtype(name)  # every accepted --dtype is a name the model parses

@@ -7,24 +7,22 @@ benchmarks; ``locore demo`` runs the whole pipeline on a generated problem.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .data import (EXPECTED_LAYOUT, DataError, GlobalFeatures, LocalFeatures, UnsafePickleError, locate_files,
-                   read_gnd, read_neighbours)
-from .evaluate import KAPPAS, SPLITS, map_at_r, protocol_first_stage, protocol_runs, recall_at_k, revisited_metrics
-from .rerank import ORDERS, DatasetReranker, SettingsError, Sliding, TopK, tokens_per_image
+from . import pipeline
+from .data import EXPECTED_LAYOUT, DataError, UnsafePickleError, read_gnd
+from .evaluate import SPLITS, map_at_r, recall_at_k, revisited_metrics
+from .pipeline import (METRIC_COLUMNS, SLIDING_DEFAULTS, DataSettings, ModelSettings, RerankOptions,
+                       atomic_write_all, check_output)
+from .rerank import ORDERS, SettingsError, Sliding, TopK, check_alpha, check_count, check_temp
+from .scoring import DEFAULT_MODE, MODE_NAMES
 
-PRESET_PREFIX = "preset:"
 DEMO_SLIDING = {"order": "end-to-start", "shortlist": 40, "window": 20, "stride": 10}
-SCORE_MODES = ("max-start", "max-end", "max-sum", "max-prod")
-METRIC_COLUMNS = ("mAP",) + tuple(f"mP@{k}" for k in KAPPAS)  # revisited metrics, in table order
 
 # Errors a user can fix: printed as one message, no traceback (LOCORE_DEBUG=1 shows it); plus
 # locore.checkpoint.CheckpointError (imported lazily: it pulls in torch).
@@ -39,240 +37,70 @@ def _is_user_error(e: BaseException) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# Model loading
+# Flags -> settings (argparse types refuse nonsense values at parse time, with the settings' own checks)
 # --------------------------------------------------------------------------------------------------
 
-def load_model(checkpoint: str, device: Optional[str] = None, dtype: Optional[str] = None, seed: int = 0,
-               overrides: Optional[Dict[str, Any]] = None, log: Callable[[str], None] = print):
-    """``LoCoRe.from_pretrained(checkpoint)``, or ``LoCoRe.preset(name)`` for ``preset:NAME`` (random
-    weights, announced loudly). Returns ``(model, random_weights)``."""
-    from .checkpoint import CheckpointError
-    from .model import LoCoRe
-
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if checkpoint.startswith(PRESET_PREFIX):
-        name = checkpoint[len(PRESET_PREFIX):]
+def _checked(convert: Callable[[str], Any], check: Callable[[Any], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
         try:
-            model = LoCoRe.preset(name, device=device, dtype=dtype, seed=seed, **overrides)
-        except ValueError as e:
-            raise CheckpointError(f"--checkpoint {checkpoint}: {e}") from None
-        bar = "!" * 100
-        log(f"{bar}\n!!! RANDOM WEIGHTS: preset '{name}' (seed {seed}), not a trained checkpoint. Scores, re-ranked"
-            f" lists and\n!!! metrics below are meaningless; pass --checkpoint FILE for real results.\n{bar}")
-        return model, True
-    if not os.path.exists(checkpoint):
-        raise CheckpointError(f"checkpoint not found: {checkpoint} (a .safetensors / .pt / .bin state dict, a "
-                              "folder with model.safetensors + config.json, or preset:tiny|small|base)")
+            return check(convert(text))
+        except ValueError as e:  # SettingsError included
+            raise argparse.ArgumentTypeError(str(e) if isinstance(e, SettingsError) else
+                                             f"expected a number, got {text!r}") from None
+    parse.__name__ = getattr(check, "__name__", "value")
+    return parse
+
+
+def _count(what: str) -> Callable[[str], int]:
+    return _checked(int, lambda n: check_count(what, n))
+
+
+def _count_list(text: str) -> List[int]:
     try:
-        model = LoCoRe.from_pretrained(checkpoint, device=device, dtype=dtype, **overrides)
-    except CheckpointError:
-        raise
-    except (ValueError, KeyError, OSError) as e:
-        raise CheckpointError(f"could not load checkpoint {checkpoint}: {e}") from None
-    return model, False
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
 
 
-def model_overrides(args: argparse.Namespace) -> Dict[str, Any]:
-    """The config overrides of the model options (see :func:`add_model_args`), for :func:`load_model`."""
-    return {"num_attention_heads": args.num_attention_heads, "attention_window": args.attention_window,
-            "num_layers": args.num_layers}
+def model_settings(args: argparse.Namespace) -> ModelSettings:
+    return ModelSettings(args.checkpoint, device=args.device, dtype=args.dtype, seed=args.seed,
+                         num_attention_heads=args.num_attention_heads, attention_window=args.attention_window,
+                         num_layers=args.num_layers)
+
+
+def _method(args: argparse.Namespace, defaults: Dict[str, Any], default_sliding: Optional[str]) -> Any:
+    if args.sliding is not None and args.topk is not None:
+        raise SettingsError("give either --topk K or --sliding ORDER (with --shortlist/--window/--stride), not both")
+    order = args.sliding if args.topk is None else None
+    order = order or (default_sliding if args.topk is None else None)
+    if order is not None:
+        L, W, S = (getattr(args, k) if getattr(args, k) is not None else defaults[k]
+                   for k in ("shortlist", "window", "stride"))
+        return Sliding(order, L, W, S)
+    if any(v is not None for v in (args.shortlist, args.window, args.stride)):
+        raise SettingsError("--shortlist, --window and --stride go with --sliding ORDER")
+    return TopK(args.topk if args.topk is not None else 100)
+
+
+def rerank_options(args: argparse.Namespace, demo: bool = False) -> RerankOptions:
+    method = _method(args, DEMO_SLIDING if demo else SLIDING_DEFAULTS, DEMO_SLIDING["order"] if demo else None)
+    return RerankOptions(alpha=args.alpha, temp=args.temp, method=method, mode=args.mode, softmax=args.softmax,
+                         protocol=args.protocol, split=args.split, batch_size=args.batch_size,
+                         cuda_graph=args.cuda_graph, max_queries=getattr(args, "max_queries", None),
+                         progress=not args.no_progress)
 
 
 # --------------------------------------------------------------------------------------------------
 # locore rerank
 # --------------------------------------------------------------------------------------------------
 
-@dataclass
-class RerankReport:
-    """What ``locore rerank`` computed: the ranks of each run, metrics, timings and the files written."""
-
-    runs: Dict[str, np.ndarray] = field(default_factory=dict)        # run name -> ranks [Q, n]
-    first_stage: Dict[str, np.ndarray] = field(default_factory=dict)  # run name -> first-stage ids [Q, n]
-    stats: Dict[str, Any] = field(default_factory=dict)               # run name -> RerankStats
-    metrics: Optional[dict] = None
-    files: Dict[str, str] = field(default_factory=dict)               # run name -> ranks file
-    json_path: Optional[str] = None
-    gnd: Optional[list] = None
-    model: Any = None
-    random_weights: bool = False
-    method: Any = None
-    batch_size: int = 1                                              # queries per forward pass
-
-
-SLIDING_DEFAULTS = {"shortlist": 400, "window": 100, "stride": 50}  # the paper's setting
-
-
-def _method(args) -> Any:
-    if args.sliding is not None:
-        if args.topk is not None:
-            raise SettingsError("give either --topk K or --sliding ORDER (with --shortlist/--window/--stride), not both")
-        L, W, S = (getattr(args, k) if getattr(args, k) is not None else v for k, v in SLIDING_DEFAULTS.items())
-        return Sliding(args.sliding, L, W, S)
-    if any(v is not None for v in (args.shortlist, args.window, args.stride)):
-        raise SettingsError("--shortlist, --window and --stride go with --sliding ORDER")
-    k = args.topk if args.topk is not None else 100
-    if k < 1:
-        raise SettingsError(f"--topk must be ≥ 1 (got {k})")
-    return TopK(k)
-
-
-def _ranks_path(out: str, run: str, first: bool) -> str:
-    """RANKS.npy for the first run, RANKS_{run}.npy for the next (``out`` ends with .npy)."""
-    return out if first else f"{out[:-4]}_{run}.npy"
-
-
-def _format_table(metrics: dict, protocol: str) -> str:
-    lines = [f"metrics (protocol: {protocol}; in %)",
-             f"{'split':<8} {'run':<8} {'stage':<12}" + "".join(f"{c:>8}" for c in METRIC_COLUMNS)]
-    for split in SPLITS:
-        if split not in metrics:
-            continue
-        m = metrics[split]
-        for stage in ("first_stage", "reranked"):
-            vals = "".join(f"{m[stage][c]:8.2f}" for c in METRIC_COLUMNS)
-            lines.append(f"{split.capitalize():<8} {m['run']:<8} {stage.replace('_', ' '):<12}{vals}")
-    return "\n".join(lines)
-
-
-def execute_rerank(args: argparse.Namespace, model=None, log: Callable[[str], None] = print) -> RerankReport:
-    """The body of ``locore rerank``; ``model`` skips loading one (the demo passes its own)."""
-    opened: list = []
-    try:
-        return _execute_rerank(args, model, log, opened)
-    finally:
-        for reader in opened:
-            reader.close()
-
-
-def _execute_rerank(args, model, log, opened: list) -> RerankReport:
-    report = RerankReport(method=_method(args))
-    method = report.method
-    use_global = not args.no_global
-    files = locate_files(args.data, args.desc, nn=args.nn, gnd=args.gnd, use_global=use_global)
-
-    # --- files: open lazily, check consistency before loading anything big -----------------------
-    q_local = LocalFeatures(files.query_local, args.descriptors)
-    opened.append(q_local)
-    g_local = LocalFeatures(files.gallery_local, args.descriptors)
-    opened.append(g_local)
-    if q_local.dim != g_local.dim:
-        raise DataError(f"query descriptors have D={q_local.dim} ({files.query_local}) but gallery descriptors "
-                        f"D={g_local.dim} ({files.gallery_local})")
-    q_global = g_global = None
-    if use_global:
-        q_global = GlobalFeatures(files.query_global, num_images=len(q_local))
-        g_global = GlobalFeatures(files.gallery_global, num_images=len(g_local))
-        if q_global.dim != g_global.dim:
-            raise DataError(f"query global descriptors have dim {q_global.dim}, gallery ones {g_global.dim}")
-    nn = read_neighbours(files.nn)
-    if nn.num_queries != len(q_local):
-        raise DataError(f"{files.nn} has lists for {nn.num_queries} queries, {files.query_local} holds "
-                        f"{len(q_local)} query images")
-    if nn.ids.size and nn.ids.max() >= len(g_local):
-        raise DataError(f"{files.nn} refers to image id {nn.ids.max()}, but {files.gallery_local} holds only "
-                        f"{len(g_local)} images")
-    if method.shortlist > nn.topk:
-        raise SettingsError(f"shortlist of {method.shortlist} images is longer than the neighbour lists in "
-                            f"{files.nn} ({nn.topk} per query)")
-    gnd = None
-    if files.gnd is not None:
-        gnd = read_gnd(files.gnd)["gnd"]
-        if len(gnd) != nn.num_queries:
-            raise DataError(f"{files.gnd} has ground truth for {len(gnd)} queries, {files.nn} lists for "
-                            f"{nn.num_queries}")
-    protocol = args.protocol or ("reference" if gnd is not None else "clean")
-    if protocol == "reference" and gnd is None:
-        raise DataError("the reference protocol needs the ground truth (it moves junk images to the end "
-                        "before re-ranking): give --gnd FILE, or use --protocol clean")
-    report.gnd = gnd
-
-    # --- model --------------------------------------------------------------------------------------
-    if model is None:
-        model, report.random_weights = load_model(args.checkpoint, args.device, args.dtype, args.seed,
-                                                  model_overrides(args), log=log)
-    else:
-        report.random_weights = args.checkpoint.startswith(PRESET_PREFIX)
-    report.model = model
-    cfg = model.config
-    if q_local.dim != cfg.local_dim:
-        raise DataError(f"local descriptors in {files.query_local} have D={q_local.dim}, but the checkpoint "
-                        f"expects local_dim={cfg.local_dim}")
-    if use_global:
-        if cfg.global_dim is None:
-            raise SettingsError("this checkpoint takes no global descriptors (it has no global_to_lm / global "
-                                "token); add --no-global")
-        if q_global.dim != cfg.global_dim:
-            raise DataError(f"global descriptors in {files.gallery_global} have dim {q_global.dim} (inferred from "
-                            f"the file size and {len(g_local)} images), but the checkpoint expects "
-                            f"global_dim={cfg.global_dim}")
-    T = tokens_per_image(q_local.num_descriptors, use_global)
-    log(f"model: {cfg.num_layers} layers, hidden {cfg.hidden}, {cfg.num_attention_heads} heads, window "
-        f"{cfg.attention_window}, on {model.device} in {str(model.dtype).replace('torch.', '')}; "
-        f"{q_local.num_descriptors} descriptors{' + global' if use_global else ''} per image (T = {T})")
-    log(f"data: {len(q_local)} queries, {len(g_local)} database images, first-stage lists of {nn.topk}; "
-        f"{method.describe()}; alpha {args.alpha}, temp {args.temp}, mode {args.mode}; protocol {protocol}")
-
-    batch_size = report.batch_size = args.batch_size or (8 if model.device.type == "cuda" else 1)
-    reranker = DatasetReranker(model, q_local, g_local, q_global, g_global, alpha=args.alpha, temp=args.temp,
-                               mode=args.mode, softmax=args.softmax, batch_size=batch_size,
-                               cuda_graph=args.cuda_graph)
-    queries = None if args.max_queries is None else np.arange(min(args.max_queries, nn.num_queries))
-    eval_gnd = gnd if queries is None or gnd is None else [gnd[i] for i in queries]
-
-    # --- runs -----------------------------------------------------------------------------------------
-    runs = protocol_runs(protocol, args.split)
-    metrics = {} if gnd is not None else None
-    out = args.out if args.out.endswith(".npy") else args.out + ".npy"
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    for i, (run, splits) in enumerate(runs):
-        if run == "clean":
-            ids, sims = nn.ids, nn.sims
-        else:
-            ids, sims = protocol_first_stage(nn.ids, nn.sims, gnd, run)
-        if queries is not None:
-            ids, sims = ids[queries], sims[queries]
-        ranks, stats = reranker.rerank(ids, sims, method, progress=not args.no_progress,
-                                       desc=f"re-ranking ({run})")
-        report.runs[run], report.first_stage[run], report.stats[run] = ranks, ids, stats
-        path = _ranks_path(out, run, first=(i == 0))
-        np.save(path, ranks.astype(np.int64))
-        report.files[run] = path
-        log(f"[{run}] {stats.summary()}; ranks {ranks.shape} -> {path}")
-        if metrics is not None:
-            before = revisited_metrics(ids, eval_gnd, splits)
-            after = revisited_metrics(ranks, eval_gnd, splits)
-            for s in splits:
-                metrics[s] = {"run": run, "first_stage": {k: round(v, 2) for k, v in before[s].items()},
-                              "reranked": {k: round(v, 2) for k, v in after[s].items()}}
-    report.metrics = metrics
-    if metrics is not None:
-        log(_format_table(metrics, protocol))
-
-    total_q = sum(s.queries for s in report.stats.values())
-    total_s = max(sum(s.seconds for s in report.stats.values()), 1e-9)
-    total_p = sum(s.forward_passes for s in report.stats.values())
-    log(f"throughput: {total_q / total_s:.2f} queries/s, {total_p / total_s:.2f} forward passes/s "
-        f"(batch size {batch_size}, {total_p} passes over {len(runs)} run(s), {total_s:.2f} s)")
-
-    summary = {
-        "command": "rerank", "protocol": protocol, "data": os.path.abspath(args.data), "desc": args.desc,
-        "nn": files.nn, "gnd": files.gnd, "checkpoint": args.checkpoint, "random_weights": report.random_weights,
-        "method": {"kind": "topk" if isinstance(method, TopK) else "sliding", **dataclasses.asdict(method)},
-        "alpha": args.alpha, "temp": args.temp, "mode": args.mode, "softmax": args.softmax,
-        "descriptors": q_local.num_descriptors, "global": use_global, "device": str(model.device),
-        "dtype": str(model.dtype).replace("torch.", ""), "batch_size": batch_size,
-        "queries": total_q // max(len(runs), 1), "ranks": {r: os.path.abspath(p) for r, p in report.files.items()},
-        "metrics": metrics, "throughput": {r: s.as_dict() for r, s in report.stats.items()},
-    }
-    report.json_path = out[:-4] + ".json"
-    with open(report.json_path, "w") as f:
-        json.dump(summary, f, indent=2)
-    log(f"metrics and settings -> {report.json_path}")
-    return report
-
-
 def _cmd_rerank(args: argparse.Namespace) -> int:
-    execute_rerank(args)
+    data = DataSettings(args.data, args.desc, nn=args.nn, gnd=args.gnd, descriptors=args.descriptors,
+                        use_global=not args.no_global)
+    pipeline.rerank(model_settings(args), data, rerank_options(args), args.out)
     return 0
 
 
@@ -280,14 +108,9 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
 # locore eval
 # --------------------------------------------------------------------------------------------------
 
-def _int_list(text: str) -> List[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output([args.json])
     if not os.path.isfile(args.ranks):
         raise DataError(f"ranks file not found: {args.ranks}")
     ranks = np.load(args.ranks, allow_pickle=False)
@@ -318,8 +141,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise SettingsError("give --gnd FILE (revisited Oxford/Paris) or --query-labels and --db-labels "
                             "(class-level sets)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_all([(args.json, lambda f: f.write(json.dumps(result, indent=2).encode()))])
         print(f"-> {args.json}")
     return 0
 
@@ -358,9 +180,12 @@ def _cmd_bench(argv: Sequence[str]) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DemoSettings, run_demo
 
-    return run_demo(args)
+    settings = DemoSettings(model=model_settings(args), options=rerank_options(args, demo=True),
+                            descriptors=args.descriptors, use_global=not args.no_global, queries=args.queries,
+                            images=args.images, data_seed=args.data_seed, out_dir=args.out_dir)
+    return run_demo(settings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,19 +224,19 @@ def add_rerank_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
         g.add_argument("--nn", metavar="FILE", help="first-stage neighbour pickle [2, Q, topk] (default DIR/nn_{desc}.pkl)")
         g.add_argument("--gnd", metavar="FILE",
                        help="ground-truth pickle (default: the one DIR/gnd_*.pkl; without one, no metrics)")
-        g.add_argument("--max-queries", type=int, metavar="N", help="re-rank only the first N queries (quick looks)")
+        g.add_argument("--max-queries", type=_count("--max-queries"), metavar="N", help="re-rank only the first N queries (quick looks)")
     g = p.add_argument_group("re-ranking")
     g.add_argument("--descriptors", type=int, default=48, metavar="S",
                    help="local descriptors (leading slots) per image (default 48, the released model)")
     g.add_argument("--no-global", action="store_true",
                    help="feed no global descriptors (no global token; for checkpoints trained without them)")
-    g.add_argument("--alpha", type=float, required=not demo, default=0.5 if demo else None, metavar="A",
+    g.add_argument("--alpha", type=_checked(float, check_alpha), required=not demo, default=0.5 if demo else None, metavar="A",
                    help="fusion weight of the first-stage similarity: s = A*global_sim + (1-A)*sigmoid(T*local)"
                         + (" (default 0.5)" if demo else " (released: 0.5)"))
-    g.add_argument("--temp", type=float, required=not demo, default=0.5 if demo else None, metavar="T",
+    g.add_argument("--temp", type=_checked(float, check_temp), required=not demo, default=0.5 if demo else None, metavar="T",
                    help="temperature T of the local score in the fusion" + (" (default 0.5)" if demo else
                                                                               " (released: 0.5 or 0.1)"))
-    g.add_argument("--mode", choices=SCORE_MODES, default="max-end",
+    g.add_argument("--mode", choices=MODE_NAMES, default=DEFAULT_MODE,
                    help="image score read from the token logits (default max-end, as the sliding path uses)")
     g.add_argument("--softmax", action="store_true", help="score with softmax(logits)[1] instead of the raw logit")
     dflt = DEMO_SLIDING if demo else SLIDING_DEFAULTS
@@ -435,7 +260,7 @@ def add_rerank_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "(default: reference when a ground truth is found, else clean)")
     g.add_argument("--split", choices=("medium", "hard", "both"), default="both",
                    help="revisited splits to report (default both; Easy is reported with medium / clean)")
-    g.add_argument("--batch-size", type=int, metavar="B",
+    g.add_argument("--batch-size", type=_count("--batch-size"), metavar="B",
                    help="queries whose windows share one forward pass (default 8 on CUDA, 1 on CPU)")
     g.add_argument("--cuda-graph", action="store_true",
                    help="replay a captured CUDA graph per window shape (CUDA only)")
@@ -471,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db-labels", metavar="D.npy", help="class-level sets: class of each database image")
     p.add_argument("--query-db-ids", metavar="IDS.npy",
                    help="class-level sets: each query's own database id, removed from its list (queries in the db)")
-    p.add_argument("--recall-k", type=_int_list, default=[1, 10], metavar="K1,K2",
+    p.add_argument("--recall-k", type=_count_list, default=[1, 10], metavar="K1,K2",
                    help="Recall@k cut-offs (default 1,10; SOP 1,10; CUB 1,2,4,8; In-Shop 1,10,20,30)")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     p.set_defaults(func=_cmd_eval)
@@ -489,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("generated problem")
     g.add_argument("--out-dir", metavar="DIR", help="write the dataset and results here (default: a temporary folder, "
                                                     "removed afterwards)")
-    g.add_argument("--queries", type=int, default=8, help="queries (default 8)")
-    g.add_argument("--images", type=int, default=300, help="database images (default 300)")
+    g.add_argument("--queries", type=_count("--queries"), default=8, help="queries (default 8)")
+    g.add_argument("--images", type=_count("--images"), default=300,
+                   help="database images (default 300; at least 14 per query: the planted matches)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the generated data (default 0)")
     p.set_defaults(func=_cmd_demo)
     return parser
@@ -503,6 +329,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"locore {args.command}: interrupted; no results written (earlier output files are unchanged)",
+              file=sys.stderr)
+        return 130
     except Exception as e:
         if not _is_user_error(e) or os.environ.get("LOCORE_DEBUG"):
             raise

@@ -5,7 +5,7 @@
    descriptors and have a close global descriptor, hard positives share fewer and sit further away in
    the global space, junk in between, and "confusers" are globally close but share nothing locally),
    plus random distractors; the first-stage neighbour lists by global cosine similarity; the ground truth.
-2. Run ``locore rerank`` on it (sliding windows by default), evaluate it (revisited mAP, mP@k).
+2. Re-rank it with the application layer (``locore.pipeline``; sliding windows by default) and evaluate it.
 3. Print a re-ranked list, the latency per shortlist, peak memory, and the agreement of the scores with
    the same model in float64 on the dense reference attention.
 
@@ -14,7 +14,6 @@ re-ranked order is not meaningful. ``--checkpoint FILE`` runs a trained model on
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import resource
@@ -27,10 +26,13 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .data import GlobalFeatures, LocalFeatures, ames_paths, write_global, write_gnd, write_local, write_neighbours
+from .pipeline import DataSettings, ModelSettings, RerankOptions, check_output, load_model, rerank
+from .rerank import SettingsError, Sliding, check_count, windows
 
 # planted images per query: (kind, count, fraction of the query's local descriptors shared, global cosine range)
 PLANTED = (("easy", 4, 0.6, (0.55, 0.80)), ("hard", 3, 0.3, (0.20, 0.40)), ("junk", 2, 0.4, (0.30, 0.60)),
            ("confuser", 5, 0.0, (0.45, 0.65)))
+PER_QUERY = sum(n for _, n, _, _ in PLANTED)
 DESC = "demo"
 
 
@@ -49,9 +51,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def generate_problem(folder: str, queries: int = 8, images: int = 300, slots: int = 50, num_descriptors: int = 48,
                      local_dim: int = 768, global_dim: Optional[int] = 768, seed: int = 0) -> Problem:
     """Write ``{demo}_*`` descriptor files, ``nn_demo.pkl`` and ``gnd_demo.pkl`` into ``folder``."""
-    per_query = sum(n for _, n, _, _ in PLANTED)
-    if images < queries * per_query:
-        raise ValueError(f"need at least {queries * per_query} database images for {queries} queries")
+    if images < queries * PER_QUERY:
+        raise ValueError(f"need at least {queries * PER_QUERY} database images for {queries} queries")
     rng = np.random.default_rng(seed)
     S = min(num_descriptors, slots)
 
@@ -147,57 +148,63 @@ def _agreement(model, folder: str, ids: np.ndarray, num_descriptors: int, use_gl
     return err, theirs.abs().max().item()
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from .cli import DEMO_SLIDING, build_parser, execute_rerank, load_model, model_overrides
-    from .rerank import windows
+@dataclass(frozen=True)
+class DemoSettings:
+    """``locore demo``: the model, the re-ranking options, and the generated problem's size."""
 
+    model: ModelSettings
+    options: RerankOptions
+    descriptors: int = 48                # local descriptors per image
+    use_global: bool = True              # feed global descriptors when the model takes them
+    queries: int = 8
+    images: int = 300
+    data_seed: int = 0
+    out_dir: Optional[str] = None        # None: a temporary folder, removed afterwards
+
+    def check(self) -> None:
+        """Refuse a problem that cannot be generated, or an output folder that is a file, before any work."""
+        check_count("--queries", self.queries)
+        check_count("--images", self.images)
+        need = self.queries * PER_QUERY
+        if self.images < need:
+            raise SettingsError(f"--images {self.images} is too few for {self.queries} queries: the demo plants "
+                                f"{PER_QUERY} images per query ({', '.join(f'{n} {k}' for k, n, _, _ in PLANTED)}), "
+                                f"so it needs --images >= {need}")
+        if self.out_dir is not None and os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise SettingsError(f"--out-dir {self.out_dir} is a file, not a folder")
+        if self.out_dir is not None:
+            check_output([os.path.join(self.out_dir, "ranks.npy")])
+
+
+def run_demo(settings: DemoSettings) -> int:
     t_start = time.perf_counter()
-    if args.topk is None and args.sliding is None:
-        args.sliding = DEMO_SLIDING["order"]
-    if args.sliding is not None:
-        for k in ("shortlist", "window", "stride"):
-            if getattr(args, k) is None:
-                setattr(args, k, DEMO_SLIDING[k])
+    settings.check()
+    options = settings.options
+    method = options.method
     tmp = None
-    folder = args.out_dir
+    folder = settings.out_dir
     if folder is None:
         tmp = folder = tempfile.mkdtemp(prefix="locore-demo-")
     try:
-        model, random_weights = load_model(args.checkpoint, args.device, args.dtype, args.seed,
-                                           model_overrides(args))
+        model, random_weights = load_model(settings.model)
         cfg = model.config
-        use_global = cfg.global_dim is not None and not args.no_global
+        use_global = cfg.global_dim is not None and settings.use_global
         t0 = time.perf_counter()
-        problem = generate_problem(folder, args.queries, args.images, num_descriptors=args.descriptors,
+        problem = generate_problem(folder, settings.queries, settings.images, num_descriptors=settings.descriptors,
                                    local_dim=cfg.local_dim, global_dim=cfg.global_dim if use_global else None,
-                                   seed=args.data_seed)
-        print(f"generated {args.queries} queries and {args.images} database images ({args.descriptors} local "
-              f"descriptors of dim {cfg.local_dim}{f' + a {cfg.global_dim}-d global' if use_global else ''} each; "
-              f"per query {', '.join(f'{n} {k}' for k, n, _, _ in PLANTED)}) in {folder} "
+                                   seed=settings.data_seed)
+        print(f"generated {settings.queries} queries and {settings.images} database images ({settings.descriptors} "
+              f"local descriptors of dim {cfg.local_dim}{f' + a {cfg.global_dim}-d global' if use_global else ''} "
+              f"each; per query {', '.join(f'{n} {k}' for k, n, _, _ in PLANTED)}) in {folder} "
               f"({time.perf_counter() - t0:.1f} s)")
 
-        argv = ["rerank", "--checkpoint", args.checkpoint, "--data", folder, "--desc", DESC,
-                "--alpha", str(args.alpha), "--temp", str(args.temp), "--mode", args.mode,
-                "--descriptors", str(args.descriptors), "--split", args.split,
-                "--out", os.path.join(folder, "ranks.npy")]
-        if args.sliding is not None:
-            argv += ["--sliding", args.sliding, "--shortlist", str(args.shortlist), "--window", str(args.window),
-                     "--stride", str(args.stride)]
-        else:
-            argv += ["--topk", str(args.topk)]
-        for flag, value in (("--protocol", args.protocol), ("--batch-size", args.batch_size)):
-            if value is not None:
-                argv += [flag, str(value)]
-        for flag, on in (("--no-global", not use_global), ("--softmax", args.softmax),
-                         ("--cuda-graph", args.cuda_graph), ("--no-progress", args.no_progress)):
-            if on:
-                argv.append(flag)
-        print("$ locore " + " ".join(argv))
-        report = execute_rerank(build_parser().parse_args(argv), model=model)
+        data = DataSettings(folder, DESC, descriptors=settings.descriptors, use_global=use_global)
+        print(f"re-ranking with {method.describe()}, alpha {options.alpha}, temp {options.temp}, mode {options.mode}")
+        report = rerank(settings.model, data, options, os.path.join(folder, "ranks.npy"), loaded_model=model)
 
         # --- a re-ranked list -------------------------------------------------------------------------
         run = next(iter(report.runs))
-        L = report.method.shortlist
+        L = method.shortlist
         tag = {"easy": "E", "hard": "H", "junk": "j", "confuser": "c"}
         for q in range(min(2, problem.num_queries)):
             before, after = report.first_stage[run][q, :12], report.runs[run][q, :12]
@@ -213,18 +220,19 @@ def run_demo(args: argparse.Namespace) -> int:
         passes = stats.forward_passes / max(1, len(stats.per_chunk_seconds))
         print(f"latency per shortlist of {L}: {per:.1f} ms median ({passes:.0f} forward pass"
               f"{'es' if round(passes) != 1 else ''} of "
-              f"{report.method.window if args.sliding else L} images{f', {B} queries per pass' if B > 1 else ''}; "
+              f"{method.window if isinstance(method, Sliding) else L} images{f', {B} queries per pass' if B > 1 else ''}; "
               f"{model.device}, {str(model.dtype).replace('torch.', '')})")
         print(f"peak memory: {_peak_memory(model.device)}")
-        st, ed = windows(args.sliding, L, args.window, args.stride)[0] if args.sliding else (0, L)
-        err, scale = _agreement(model, folder, report.first_stage[run][0, st:ed], args.descriptors, use_global,
-                                args.mode)
+        st, ed = (windows(method.order, L, method.window, method.stride)[0] if isinstance(method, Sliding)
+                  else (0, L))
+        err, scale = _agreement(model, folder, report.first_stage[run][0, st:ed], settings.descriptors, use_global,
+                                options.mode)
         prec = str(model.dtype).replace("torch.", "")
         print(f"agreement: {prec} scores vs the same model in float64 on attention backend 'reference' "
               f"(query 0, {ed - st} images): max |Δscore| = {err:.3e}, relative to the largest score "
               f"{err / max(scale, 1e-30):.3e} (target ≤ 1e-4 for float32)")
         if random_weights:
-            print(f"NOTE: random weights (--checkpoint {args.checkpoint}): the re-ranked order and the metrics are "
+            print(f"NOTE: random weights (--checkpoint {settings.model.checkpoint}): the re-ranked order and the metrics are "
                   "not meaningful; pass --checkpoint FILE for a trained LoCoRE model.")
         print(f"demo finished in {time.perf_counter() - t_start:.1f} s")
         return 0

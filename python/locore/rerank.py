@@ -21,20 +21,26 @@ where ``global_sim`` is its first-stage similarity and ``local_score`` the model
   all (S ≥ L, or W ≥ L + S) gets the single start 0. The final list is the re-ordered shortlist
   followed by the untouched rest of the first-stage list.
 
-Ties in ``s`` keep the current order (stable sort). With ``mode="max-sum"`` the sliding path divides
-the local score by T (tokens per image), as the reference does; plain top-k uses it as is.
+Ties in ``s`` keep the current order (stable sort). The sliding path normalises the local score as the
+score mode says (``scoring.ScoreMode.sliding_normalise``: ``max-sum`` is divided by T, tokens per image,
+as the reference does); plain top-k uses it as is. A non-finite score is an error naming the query and
+the images, never a silent first-stage order.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .data.errors import DataError
+from .scoring import score_mode
+
 __all__ = [
-    "ORDERS", "SettingsError", "fuse", "window_starts", "windows", "sliding_rerank", "topk_rerank",
+    "ORDERS", "SettingsError", "NonFiniteScoreError", "check_alpha", "check_temp", "check_count", "fuse", "window_starts", "windows", "sliding_rerank", "topk_rerank",
     "Sliding", "TopK", "RerankStats", "DatasetReranker", "tokens_per_image", "check_sequence_fits",
 ]
 
@@ -45,6 +51,31 @@ ScoreFn = Callable[[np.ndarray], np.ndarray]
 
 class SettingsError(ValueError):
     """Re-ranking settings that cannot work with this model or these files (the message says why)."""
+
+
+class NonFiniteScoreError(DataError):
+    """The model gave a NaN or infinite score (the message names the query and the images)."""
+
+
+def check_alpha(alpha: float) -> float:
+    """The fusion weight: a number in [0, 1]."""
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0.0 <= alpha <= 1.0:
+        raise SettingsError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def check_temp(temp: float) -> float:
+    """The fusion temperature: a finite number > 0."""
+    if not isinstance(temp, (int, float)) or isinstance(temp, bool) or not (math.isfinite(temp) and temp > 0):
+        raise SettingsError(f"temp must be a finite number > 0, got {temp!r}")
+    return float(temp)
+
+
+def check_count(what: str, n: int) -> int:
+    """A count that must be >= 1 (batch size, queries, k)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise SettingsError(f"{what} must be an integer >= 1, got {n!r}")
+    return n
 
 
 def fuse(global_sim, local_score, alpha: float, temp: float):
@@ -226,6 +257,20 @@ class _Chunk:
     g_scales: object
     g_mask: object
     g_global: object                 # [B, L, Dg] or None
+    ids: np.ndarray                  # [B, L] database ids of the shortlist (error messages)
+
+
+def _check_finite(scores: np.ndarray, cand: np.ndarray, chunk: _Chunk) -> None:
+    """Raise :class:`NonFiniteScoreError` naming the first query whose window got a NaN / inf score."""
+    bad = ~np.isfinite(scores)
+    if not bad.any():
+        return
+    b = int(np.flatnonzero(bad.any(axis=1))[0])
+    ids = chunk.ids[b, cand[b][bad[b]]].tolist()
+    raise NonFiniteScoreError(
+        f"the model gave non-finite scores ({scores[b][bad[b]][0]}) for query {int(chunk.queries[b])} and "
+        f"{len(ids)} of the {cand.shape[1]} images of its window, database ids {ids[:10]}"
+        f"{' ...' if len(ids) > 10 else ''}; check their descriptors (e.g. huge or corrupt values)")
 
 
 class DatasetReranker:
@@ -245,12 +290,12 @@ class DatasetReranker:
                  cuda_graph: bool = False):
         if (query_global is None) != (gallery_global is None):
             raise SettingsError("give both query and gallery global descriptors, or neither")
-        if batch_size < 1:
-            raise SettingsError(f"batch size must be ≥ 1 (got {batch_size})")
+        check_count("batch size", batch_size)
         self.model = model
         self.query_local, self.gallery_local = query_local, gallery_local
         self.query_global, self.gallery_global = query_global, gallery_global
-        self.alpha, self.temp, self.mode, self.softmax = float(alpha), float(temp), mode, bool(softmax)
+        self.alpha, self.temp, self.softmax = check_alpha(alpha), check_temp(temp), bool(softmax)
+        self.mode, self.score_mode = mode, score_mode(mode)
         self.batch_size = int(batch_size)
         self.device = _model_device(model)
         self.cuda_graph = bool(cuda_graph)
@@ -270,7 +315,8 @@ class DatasetReranker:
         S, D = g.desc.shape[1], g.desc.shape[2]
         chunk = _Chunk(queries=queries, q_local=to(q.desc), q_scales=to(q.scales), q_mask=to(q.mask),
                        q_global=None, g_local=to(g.desc.reshape(B, L, S, D)),
-                       g_scales=to(g.scales.reshape(B, L, S)), g_mask=to(g.mask.reshape(B, L, S)), g_global=None)
+                       g_scales=to(g.scales.reshape(B, L, S)), g_mask=to(g.mask.reshape(B, L, S)), g_global=None,
+                       ids=shortlist_ids)
         if self.query_global is not None:
             chunk.q_global = to(self.query_global.read(queries))
             chunk.g_global = to(self.gallery_global.read(shortlist_ids.reshape(-1)).reshape(B, L, -1))
@@ -295,9 +341,8 @@ class DatasetReranker:
             stats.model_seconds += time.perf_counter() - t0  # .to("cpu") synchronises
             stats.forward_passes += 1
             stats.windows += cand.shape[0]
-            if divide_by_tokens and self.mode == "max-sum":
-                out = out / self.tokens
-            return out
+            _check_finite(out, cand, chunk)
+            return self.score_mode.sliding_normalise(out, self.tokens) if divide_by_tokens else out
 
         return score
 

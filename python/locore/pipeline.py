@@ -1,0 +1,424 @@
+"""The application layer: settings, model loading, opening a dataset, a re-ranking run, writing results.
+
+    model_settings = ModelSettings("locore_base.safetensors")
+    options = RerankOptions(alpha=0.5, temp=0.5, method=Sliding("end-to-start", 400, 100, 50))
+    report = rerank(model_settings, DataSettings("data/roxford5k", "dinov2"), options, out="ranks.npy")
+
+``locore rerank`` maps its flags to these settings and calls :func:`rerank`; ``locore demo`` builds
+them directly. The pieces (:func:`load_model`, :func:`open_dataset`, :func:`run`, :func:`write_results`)
+are there for callers that bring their own model or data.
+
+Outputs are all-or-nothing: :func:`write_results` writes every file of a run to a temporary file beside
+its target and renames them only once all are written, so a failed or interrupted run leaves earlier
+results byte-identical. Output paths are checked (:func:`check_output`) before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from .data import AmesFiles, DataError, GlobalFeatures, LocalFeatures, Neighbours, locate_files, read_gnd, read_neighbours
+from .evaluate import KAPPAS, SPLITS, protocol_first_stage, protocol_runs, revisited_metrics
+from .rerank import (DatasetReranker, RerankStats, SettingsError, Sliding, TopK, check_alpha, check_count,
+                     check_temp, tokens_per_image)
+from .scoring import DEFAULT_MODE, MODE_NAMES
+
+PRESET_PREFIX = "preset:"
+SLIDING_DEFAULTS = {"shortlist": 400, "window": 100, "stride": 50}  # the paper's setting
+PROTOCOLS = ("reference", "clean")
+RUN_SPLITS = ("medium", "hard", "both")
+METRIC_COLUMNS = ("mAP",) + tuple(f"mP@{k}" for k in KAPPAS)  # revisited metrics, in table order
+
+Log = Callable[[str], None]
+Method = Union[TopK, Sliding]
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which model to run, where: a checkpoint path or ``preset:NAME`` (random weights), plus the config
+    overrides a checkpoint cannot tell (heads, window) and the first ``num_layers`` layers to keep."""
+
+    checkpoint: str
+    device: Optional[str] = None        # None: cuda when available, else cpu
+    dtype: Optional[str] = None         # None: float32
+    seed: int = 0                       # seed of a preset's random weights
+    num_attention_heads: Optional[int] = None
+    attention_window: Optional[int] = None
+    num_layers: Optional[int] = None
+
+    def overrides(self) -> Dict[str, Any]:
+        """The config overrides that are set, for ``LoCoRe.from_pretrained`` / ``LoCoRe.preset``."""
+        named = {"num_attention_heads": self.num_attention_heads, "attention_window": self.attention_window,
+                 "num_layers": self.num_layers}
+        return {k: v for k, v in named.items() if v is not None}
+
+    @property
+    def random_weights(self) -> bool:
+        return self.checkpoint.startswith(PRESET_PREFIX)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """A dataset in the AMES layout (``locore.data.EXPECTED_LAYOUT``)."""
+
+    data: str                           # the folder
+    desc: str                           # descriptor name in the file names, e.g. dinov2
+    nn: Optional[str] = None            # first-stage pickle (default DIR/nn_{desc}.pkl)
+    gnd: Optional[str] = None           # ground truth (default: the one DIR/gnd_*.pkl; none: no metrics)
+    descriptors: int = 48               # local descriptors (leading slots) per image
+    use_global: bool = True             # feed the global descriptors (a global token per image)
+
+    def __post_init__(self) -> None:
+        check_count("descriptors per image", self.descriptors)
+
+
+@dataclass(frozen=True)
+class RerankOptions:
+    """How to re-rank: fusion (alpha, temp), method (top-k or sliding windows), score mode, protocol."""
+
+    alpha: float
+    temp: float
+    method: Method = TopK(100)
+    mode: str = DEFAULT_MODE
+    softmax: bool = False
+    protocol: Optional[str] = None      # reference | clean; None: reference when a ground truth is found
+    split: str = "both"                 # medium | hard | both (revisited splits to report)
+    batch_size: Optional[int] = None    # queries per forward pass; None: 8 on CUDA, 1 on CPU
+    cuda_graph: bool = False
+    max_queries: Optional[int] = None   # re-rank only the first N queries
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_alpha(self.alpha)
+        check_temp(self.temp)
+        if self.mode not in MODE_NAMES:
+            raise SettingsError(f"mode must be one of {', '.join(MODE_NAMES)}, got {self.mode!r}")
+        if self.protocol is not None and self.protocol not in PROTOCOLS:
+            raise SettingsError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.split not in RUN_SPLITS:
+            raise SettingsError(f"split must be one of {', '.join(RUN_SPLITS)}, got {self.split!r}")
+        if self.batch_size is not None:
+            check_count("batch size", self.batch_size)
+        if self.max_queries is not None:
+            check_count("max queries", self.max_queries)
+        if isinstance(self.method, TopK):
+            check_count("top-k", self.method.k)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+
+def load_model(settings: ModelSettings, log: Log = print):
+    """``LoCoRe.from_pretrained(checkpoint)``, or ``LoCoRe.preset(name)`` for ``preset:NAME`` (random
+    weights, announced loudly). Returns ``(model, random_weights)``."""
+    from .checkpoint import CheckpointError
+    from .model import LoCoRe
+
+    checkpoint, overrides = settings.checkpoint, settings.overrides()
+    if checkpoint.startswith(PRESET_PREFIX):
+        name = checkpoint[len(PRESET_PREFIX):]
+        try:
+            model = LoCoRe.preset(name, device=settings.device, dtype=settings.dtype, seed=settings.seed,
+                                  **overrides)
+        except ValueError as e:
+            raise CheckpointError(f"--checkpoint {checkpoint}: {e}") from None
+        bar = "!" * 100
+        log(f"{bar}\n!!! RANDOM WEIGHTS: preset '{name}' (seed {settings.seed}), not a trained checkpoint. Scores, "
+            f"re-ranked lists and\n!!! metrics below are meaningless; pass --checkpoint FILE for real results.\n{bar}")
+        return model, True
+    if not os.path.exists(checkpoint):
+        raise CheckpointError(f"checkpoint not found: {checkpoint} (a .safetensors / .pt / .bin state dict, a "
+                              "folder with model.safetensors + config.json, or preset:tiny|small|base)")
+    try:
+        model = LoCoRe.from_pretrained(checkpoint, device=settings.device, dtype=settings.dtype, **overrides)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"could not load checkpoint {checkpoint}: {e}") from None
+    return model, False
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Dataset:
+    """An opened, cross-checked AMES dataset: lazy descriptor readers, first-stage lists, ground truth."""
+
+    settings: DataSettings
+    files: AmesFiles
+    query_local: LocalFeatures
+    gallery_local: LocalFeatures
+    query_global: Optional[GlobalFeatures]
+    gallery_global: Optional[GlobalFeatures]
+    neighbours: Neighbours
+    gnd: Optional[list]
+    protocol: str                       # the resolved protocol: reference | clean
+
+    def close(self) -> None:
+        for reader in (self.query_local, self.gallery_local):
+            reader.close()
+
+    def __enter__(self) -> "Dataset":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_dataset(data: DataSettings, options: RerankOptions) -> Dataset:
+    """Open the files lazily and check them against each other and against ``options`` before anything
+    big is read: descriptor dims, query counts, neighbour ids, shortlist length, ground truth."""
+    files = locate_files(data.data, data.desc, nn=data.nn, gnd=data.gnd, use_global=data.use_global)
+    opened: List[LocalFeatures] = []
+    try:
+        q_local = LocalFeatures(files.query_local, data.descriptors)
+        opened.append(q_local)
+        g_local = LocalFeatures(files.gallery_local, data.descriptors)
+        opened.append(g_local)
+        if q_local.dim != g_local.dim:
+            raise DataError(f"query descriptors have D={q_local.dim} ({files.query_local}) but gallery descriptors "
+                            f"D={g_local.dim} ({files.gallery_local})")
+        q_global = g_global = None
+        if data.use_global:
+            q_global = GlobalFeatures(files.query_global, num_images=len(q_local))
+            g_global = GlobalFeatures(files.gallery_global, num_images=len(g_local))
+            if q_global.dim != g_global.dim:
+                raise DataError(f"query global descriptors have dim {q_global.dim}, gallery ones {g_global.dim}")
+        nn = read_neighbours(files.nn)
+        if nn.num_queries != len(q_local):
+            raise DataError(f"{files.nn} has lists for {nn.num_queries} queries, {files.query_local} holds "
+                            f"{len(q_local)} query images")
+        if nn.ids.size and nn.ids.max() >= len(g_local):
+            raise DataError(f"{files.nn} refers to image id {nn.ids.max()}, but {files.gallery_local} holds only "
+                            f"{len(g_local)} images")
+        if options.method.shortlist > nn.topk:
+            raise SettingsError(f"shortlist of {options.method.shortlist} images is longer than the neighbour lists "
+                                f"in {files.nn} ({nn.topk} per query)")
+        gnd = None
+        if files.gnd is not None:
+            gnd = read_gnd(files.gnd)["gnd"]
+            if len(gnd) != nn.num_queries:
+                raise DataError(f"{files.gnd} has ground truth for {len(gnd)} queries, {files.nn} lists for "
+                                f"{nn.num_queries}")
+        protocol = options.protocol or ("reference" if gnd is not None else "clean")
+        if protocol == "reference" and gnd is None:
+            raise DataError("the reference protocol needs the ground truth (it moves junk images to the end "
+                            "before re-ranking): give --gnd FILE, or use --protocol clean")
+        return Dataset(data, files, q_local, g_local, q_global, g_global, nn, gnd, protocol)
+    except BaseException:
+        for reader in opened:
+            reader.close()
+        raise
+
+
+def check_model_fits(dataset: Dataset, model) -> None:
+    """The model takes this dataset's descriptors: local dim, global token and its dim."""
+    cfg, files = model.config, dataset.files
+    q_local = dataset.query_local
+    if q_local.dim != cfg.local_dim:
+        raise DataError(f"local descriptors in {files.query_local} have D={q_local.dim}, but the checkpoint "
+                        f"expects local_dim={cfg.local_dim}")
+    if dataset.query_global is not None:
+        if cfg.global_dim is None:
+            raise SettingsError("this checkpoint takes no global descriptors (it has no global_to_lm / global "
+                                "token); add --no-global")
+        if dataset.query_global.dim != cfg.global_dim:
+            raise DataError(f"global descriptors in {files.gallery_global} have dim {dataset.query_global.dim} "
+                            f"(inferred from the file size and {len(dataset.gallery_local)} images), but the "
+                            f"checkpoint expects global_dim={cfg.global_dim}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class RerankReport:
+    """What a re-ranking run computed: the ranks of each run, metrics, timings, the settings (as JSON)
+    and, once :func:`write_results` ran, the files written."""
+
+    runs: Dict[str, np.ndarray] = field(default_factory=dict)        # run name -> ranks [Q, n]
+    first_stage: Dict[str, np.ndarray] = field(default_factory=dict)  # run name -> first-stage ids [Q, n]
+    stats: Dict[str, RerankStats] = field(default_factory=dict)       # run name -> timings
+    metrics: Optional[dict] = None
+    protocol: str = "clean"
+    summary: Dict[str, Any] = field(default_factory=dict)             # settings + metrics + throughput (JSON)
+    files: Dict[str, str] = field(default_factory=dict)               # run name -> ranks file (once written)
+    json_path: Optional[str] = None
+    gnd: Optional[list] = None
+    model: Any = None
+    random_weights: bool = False
+    method: Optional[Method] = None
+    batch_size: int = 1                                              # queries per forward pass
+
+
+def _format_table(metrics: dict, protocol: str) -> str:
+    lines = [f"metrics (protocol: {protocol}; in %)",
+             f"{'split':<8} {'run':<8} {'stage':<12}" + "".join(f"{c:>8}" for c in METRIC_COLUMNS)]
+    for split in SPLITS:
+        if split not in metrics:
+            continue
+        m = metrics[split]
+        for stage in ("first_stage", "reranked"):
+            vals = "".join(f"{m[stage][c]:8.2f}" for c in METRIC_COLUMNS)
+            lines.append(f"{split.capitalize():<8} {m['run']:<8} {stage.replace('_', ' '):<12}{vals}")
+    return "\n".join(lines)
+
+
+def run(dataset: Dataset, model, options: RerankOptions, *, checkpoint: str = "", random_weights: bool = False,
+        log: Log = print) -> RerankReport:
+    """Re-rank every run of the dataset's protocol and evaluate it; writes nothing (see :func:`write_results`)."""
+    check_model_fits(dataset, model)
+    cfg, data, method = model.config, dataset.settings, options.method
+    q_local, nn, gnd = dataset.query_local, dataset.neighbours, dataset.gnd
+    use_global = dataset.query_global is not None
+    report = RerankReport(protocol=dataset.protocol, gnd=gnd, model=model, random_weights=random_weights,
+                          method=method)
+    T = tokens_per_image(q_local.num_descriptors, use_global)
+    log(f"model: {cfg.num_layers} layers, hidden {cfg.hidden}, {cfg.num_attention_heads} heads, window "
+        f"{cfg.attention_window}, on {model.device} in {str(model.dtype).replace('torch.', '')}; "
+        f"{q_local.num_descriptors} descriptors{' + global' if use_global else ''} per image (T = {T})")
+    log(f"data: {len(q_local)} queries, {len(dataset.gallery_local)} database images, first-stage lists of "
+        f"{nn.topk}; {method.describe()}; alpha {options.alpha}, temp {options.temp}, mode {options.mode}; "
+        f"protocol {dataset.protocol}")
+
+    batch_size = report.batch_size = options.batch_size or (8 if model.device.type == "cuda" else 1)
+    reranker = DatasetReranker(model, q_local, dataset.gallery_local, dataset.query_global, dataset.gallery_global,
+                               alpha=options.alpha, temp=options.temp, mode=options.mode, softmax=options.softmax,
+                               batch_size=batch_size, cuda_graph=options.cuda_graph)
+    queries = None if options.max_queries is None else np.arange(min(options.max_queries, nn.num_queries))
+    eval_gnd = gnd if queries is None or gnd is None else [gnd[i] for i in queries]
+
+    runs = protocol_runs(dataset.protocol, options.split)
+    metrics = {} if gnd is not None else None
+    for name, splits in runs:
+        if name == "clean":
+            ids, sims = nn.ids, nn.sims
+        else:
+            ids, sims = protocol_first_stage(nn.ids, nn.sims, gnd, name)
+        if queries is not None:
+            ids, sims = ids[queries], sims[queries]
+        ranks, stats = reranker.rerank(ids, sims, method, progress=options.progress, desc=f"re-ranking ({name})")
+        report.runs[name], report.first_stage[name], report.stats[name] = ranks.astype(np.int64), ids, stats
+        log(f"[{name}] {stats.summary()}; ranks {ranks.shape}")
+        if metrics is not None:
+            before = revisited_metrics(ids, eval_gnd, splits)
+            after = revisited_metrics(ranks, eval_gnd, splits)
+            for s in splits:
+                metrics[s] = {"run": name, "first_stage": {k: round(v, 2) for k, v in before[s].items()},
+                              "reranked": {k: round(v, 2) for k, v in after[s].items()}}
+    report.metrics = metrics
+    if metrics is not None:
+        log(_format_table(metrics, dataset.protocol))
+
+    total_q = sum(s.queries for s in report.stats.values())
+    total_s = max(sum(s.seconds for s in report.stats.values()), 1e-9)
+    total_p = sum(s.forward_passes for s in report.stats.values())
+    log(f"throughput: {total_q / total_s:.2f} queries/s, {total_p / total_s:.2f} forward passes/s "
+        f"(batch size {batch_size}, {total_p} passes over {len(runs)} run(s), {total_s:.2f} s)")
+    report.summary = {
+        "command": "rerank", "protocol": dataset.protocol, "data": os.path.abspath(data.data), "desc": data.desc,
+        "nn": dataset.files.nn, "gnd": dataset.files.gnd, "checkpoint": checkpoint, "random_weights": random_weights,
+        "method": {"kind": "topk" if isinstance(method, TopK) else "sliding", **dataclasses.asdict(method)},
+        "alpha": options.alpha, "temp": options.temp, "mode": options.mode, "softmax": options.softmax,
+        "descriptors": q_local.num_descriptors, "global": use_global, "device": str(model.device),
+        "dtype": str(model.dtype).replace("torch.", ""), "batch_size": batch_size,
+        "queries": total_q // max(len(runs), 1), "ranks": {},  # filled in by write_results
+        "metrics": metrics, "throughput": {r: s.as_dict() for r, s in report.stats.items()},
+    }
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------
+
+def output_paths(out: str, runs: List[str]) -> Tuple[Dict[str, str], str]:
+    """``({run: ranks file}, json file)``: RANKS.npy for the first run, RANKS_{run}.npy for the next,
+    RANKS.json for the settings and metrics (``.npy`` is appended to ``out`` when missing)."""
+    out = out if out.endswith(".npy") else out + ".npy"
+    ranks = {run: out if i == 0 else f"{out[:-4]}_{run}.npy" for i, run in enumerate(runs)}
+    return ranks, out[:-4] + ".json"
+
+
+def check_output(paths: List[str]) -> None:
+    """Refuse, before any work, an output path that is a folder or whose parent (or an ancestor) is a file."""
+    for path in paths:
+        if os.path.isdir(path):
+            raise SettingsError(f"output {path} is a folder; give a file name (e.g. {os.path.join(path, 'ranks.npy')})")
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise SettingsError(f"cannot write {path}: {parent} is a file, not a folder")
+
+
+def write_results(report: RerankReport, out: str, log: Log = print) -> RerankReport:
+    """Write the ranks of every run (int64) and the JSON summary, all or nothing: each goes to a temporary
+    file beside its target, and the targets are replaced only once every file is written."""
+    ranks_paths, json_path = output_paths(out, list(report.runs))
+    check_output([*ranks_paths.values(), json_path])
+    summary = dict(report.summary, ranks={r: os.path.abspath(p) for r, p in ranks_paths.items()})
+    writers: List[Tuple[str, Callable[[Any], None]]] = [
+        (ranks_paths[r], lambda f, a=ranks: np.save(f, a, allow_pickle=False)) for r, ranks in report.runs.items()]
+    writers.append((json_path, lambda f: f.write(json.dumps(summary, indent=2).encode())))
+    atomic_write_all(writers)
+    report.files, report.json_path, report.summary = dict(ranks_paths), json_path, summary
+    for r, p in ranks_paths.items():
+        log(f"[{r}] ranks {report.runs[r].shape} -> {p}")
+    log(f"metrics and settings -> {json_path}")
+    return report
+
+
+def atomic_write_all(writers: List[Tuple[str, Callable[[Any], None]]]) -> None:
+    """Each ``(path, write(binary file))`` into ``path.tmp-*`` beside ``path``; then every temporary file is
+    renamed over its target. On any error (Ctrl-C included) the temporary files are removed and no target
+    is touched."""
+    temps: List[Tuple[str, str]] = []
+    try:
+        for path, write in writers:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            temps.append((tmp, path))
+            with open(tmp, "xb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+
+
+def rerank(model: ModelSettings, data: DataSettings, options: RerankOptions, out: str, *, log: Log = print,
+           loaded_model=None) -> RerankReport:
+    """The whole job: check the outputs, open and cross-check the data, load the model, re-rank every run,
+    evaluate, then write every output at once. ``loaded_model`` skips loading (the demo passes its own)."""
+    ranks_paths, json_path = output_paths(out, ["first"])
+    check_output([*ranks_paths.values(), json_path])
+    with open_dataset(data, options) as dataset:
+        runs = [name for name, _ in protocol_runs(dataset.protocol, options.split)]
+        check_output(list(output_paths(out, runs)[0].values()))
+        if loaded_model is None:
+            loaded_model, random_weights = load_model(model, log=log)
+        else:
+            random_weights = model.random_weights
+        report = run(dataset, loaded_model, options, checkpoint=model.checkpoint, random_weights=random_weights,
+                     log=log)
+    return write_results(report, out, log=log)
