@@ -411,7 +411,7 @@ def rerank(model: ModelSettings, data: DataSettings, options: RerankOptions, out
     """The whole job: check the outputs, open and cross-check the data, load the model, re-rank every run,
     evaluate, then write every output at once. ``loaded_model`` skips loading (the demo passes its own)."""
     ranks_paths, json_path = output_paths(out, ["first"])
-    check_output([*ranks_paths.values(), json_path])
+    check_output([out, *ranks_paths.values(), json_path])
     with open_dataset(data, options) as dataset:
         runs = [name for name, _ in protocol_runs(dataset.protocol, options.split)]
         check_output(list(output_paths(out, runs)[0].values()))
