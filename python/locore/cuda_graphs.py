@@ -70,3 +70,6 @@ class GraphCache:
 
     def clear(self) -> None:
         self.graphs.clear()
+
+    def __len__(self) -> int:
+        return len(self.graphs)
