@@ -51,6 +51,14 @@ ALLOWED = {
             "Train"},
     "Root": {"Model"},
 }
+# Single arrows allowed against the layer rule, each with its reason. Keep this list short: an entry
+# here is a module that wants to move (e.g. the restricted unpickler into a torch-free io layer).
+EXCEPTIONS = {
+    # the checkpoint loader dry-runs torch files through the data layer's restricted, metered unpickler
+    # and reports its errors; both modules are torch-free and model-free
+    ("locore.checkpoint", "locore.data.errors"),
+    ("locore.checkpoint", "locore.data.pickles"),
+}
 FORBIDDEN_TOP_LEVEL = {"transformers"}
 
 
@@ -147,7 +155,7 @@ def test_every_arrow_is_allowed():
             dst = _layer(imp)
             if dst is None:
                 bad.append(f"{MODULES[m]}:{line}: {m} imports {imp}, which no layer holds")
-            elif dst != src and dst not in ALLOWED[src]:
+            elif dst != src and dst not in ALLOWED[src] and (m, imp) not in EXCEPTIONS:
                 bad.append(f"{MODULES[m]}:{line}: {m} ({src}) imports {imp} ({dst}); {src} may import "
                            f"{sorted(ALLOWED[src]) or 'nothing of ours'}")
     assert not bad, "arrows against the architecture table:\n" + "\n".join(bad)

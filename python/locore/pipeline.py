@@ -225,9 +225,13 @@ def open_dataset(data: DataSettings, options: RerankOptions) -> Dataset:
 
 
 def check_model_fits(dataset: Dataset, model) -> None:
-    """The model takes this dataset's descriptors: local dim, global token and its dim."""
+    """The model takes this dataset's descriptors: local dim, global token and its dim (and the readers
+    check scale indices against the model's number of scales)."""
     cfg, files = model.config, dataset.files
     q_local = dataset.query_local
+    for reader in (q_local, dataset.gallery_local):  # rows are validated at read against the model's scales
+        if hasattr(reader, "num_scales"):
+            reader.num_scales = cfg.num_scales
     if q_local.dim != cfg.local_dim:
         raise DataError(f"local descriptors in {files.query_local} have D={q_local.dim}, but the checkpoint "
                         f"expects local_dim={cfg.local_dim}")
