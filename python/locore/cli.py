@@ -15,9 +15,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from . import pipeline
-from .data import EXPECTED_LAYOUT, DataError, UnsafePickleError, read_gnd
-from .evaluate import SPLITS, map_at_r, recall_at_k, revisited_metrics
-from .pipeline import (METRIC_COLUMNS, SLIDING_DEFAULTS, DataSettings, ModelSettings, RerankOptions,
+from .data import EXPECTED_LAYOUT, DataError, UnsafePickleError, read_gnd, read_ranks
+from .evaluate import GLDV2_PROTOCOLS, SPLITS, gldv2_metrics, is_gldv2_gnd, map_at_r, recall_at_k, revisited_metrics
+from .pipeline import (METRIC_COLUMNS, PROTOCOLS, SLIDING_DEFAULTS, DataSettings, ModelSettings, RerankOptions,
                        atomic_write_all, check_output)
 from .rerank import ORDERS, SettingsError, Sliding, TopK, check_alpha, check_count, check_temp
 from .scoring import DEFAULT_MODE, MODE_NAMES
@@ -98,8 +98,10 @@ def rerank_options(args: argparse.Namespace, demo: bool = False) -> RerankOption
 # --------------------------------------------------------------------------------------------------
 
 def _cmd_rerank(args: argparse.Namespace) -> int:
+    shards = args.gallery_shards
     data = DataSettings(args.data, args.desc, nn=args.nn, gnd=args.gnd, descriptors=args.descriptors,
-                        use_global=not args.no_global)
+                        use_global=not args.no_global, distractors=args.distractors,
+                        gallery_shards=None if shards is None else shards[0] if len(shards) == 1 else tuple(shards))
     pipeline.rerank(model_settings(args), data, rerank_options(args), args.out)
     return 0
 
@@ -111,20 +113,28 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         check_output([args.json])
-    if not os.path.isfile(args.ranks):
-        raise DataError(f"ranks file not found: {args.ranks}")
-    ranks = np.load(args.ranks, allow_pickle=False)
-    if ranks.ndim != 2:
-        raise DataError(f"{args.ranks}: expected ranks [num_queries, n], got shape {ranks.shape}")
     result: Dict[str, Any] = {"command": "eval", "ranks": os.path.abspath(args.ranks)}
     if args.gnd is not None:
-        gnd = read_gnd(args.gnd)["gnd"]
-        if len(gnd) != ranks.shape[0]:
-            raise DataError(f"{args.ranks} ranks {ranks.shape[0]} queries, {args.gnd} has {len(gnd)}")
+        data = read_gnd(args.gnd)
+        gnd = data["gnd"]
+        protocol = args.protocol or ("gldv2-test" if is_gldv2_gnd(gnd) else "revisited")
+        # gldv2-val ranks cover the gnd without its 750 trailing entries (or all of it)
+        ranks = read_ranks(args.ranks, num_images=args.num_images or len(data["imlist"]) or None,
+                           num_queries=None if protocol == "gldv2-val" else len(gnd))
+        result["gnd"] = os.path.abspath(args.gnd)
+    else:
+        ranks = read_ranks(args.ranks, num_images=args.num_images)
+    if args.gnd is not None and protocol in GLDV2_PROTOCOLS:
+        try:
+            m = gldv2_metrics(ranks, gnd, protocol)
+        except ValueError as e:
+            raise DataError(f"{args.ranks} / {args.gnd}: {e}") from None
+        result.update(protocol=protocol, metrics={"mAP@100": {k: round(v, 2) for k, v in m.items()}})
+        print(f"{protocol} mAP@100 (in %): " + "  ".join(f"{k} {v:.2f}" for k, v in m.items()))
+    elif args.gnd is not None:
         splits = SPLITS if args.split == "all" else tuple(args.split.split(","))
         m = revisited_metrics(ranks, gnd, splits)
-        result.update(gnd=os.path.abspath(args.gnd), metrics={s: {k: round(v, 2) for k, v in m[s].items()}
-                                                                for s in splits})
+        result.update(metrics={s: {k: round(v, 2) for k, v in m[s].items()} for s in splits})
         print(f"{'split':<8}" + "".join(f"{c:>8}" for c in METRIC_COLUMNS))
         for s in splits:
             print(f"{s.capitalize():<8}" + "".join(f"{m[s][c]:8.2f}" for c in METRIC_COLUMNS))
@@ -224,6 +234,13 @@ def add_rerank_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
         g.add_argument("--nn", metavar="FILE", help="first-stage neighbour pickle [2, Q, topk] (default DIR/nn_{desc}.pkl)")
         g.add_argument("--gnd", metavar="FILE",
                        help="ground-truth pickle (default: the one DIR/gnd_*.pkl; without one, no metrics)")
+        g.add_argument("--distractors", metavar="DIR1M",
+                       help="+1M: folder with {desc}_local.hdf5 and {desc}_global.pt appended after the gallery "
+                            "(ids n..n+1M-1; nothing copied; --nn must list ids over the combined database)")
+        g.add_argument("--gallery-shards", nargs="+", metavar="FILE",
+                       help="gallery local descriptors as shard files in id order: one glob "
+                            "(e.g. 'DIR/dinov2_gallery_local_xa?.hdf5') or the files (default: DIR/{desc}_gallery_local"
+                            ".hdf5, else its _xaa, _xab, ... shards)")
         g.add_argument("--max-queries", type=_count("--max-queries"), metavar="N", help="re-rank only the first N queries (quick looks)")
     g = p.add_argument_group("re-ranking")
     g.add_argument("--descriptors", type=int, default=48, metavar="S",
@@ -254,10 +271,12 @@ def add_rerank_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     g.add_argument("--stride", type=int, metavar="S",
                    help=f"window stride with --sliding (default {dflt['stride']}); a start below 0 is "
                         "clamped to 0, a repeated window dropped")
-    g.add_argument("--protocol", choices=("reference", "clean"), default=None,
+    g.add_argument("--protocol", choices=PROTOCOLS, default=None,
                    help="reference: per split, move junk (Hard: junk + easy) images to the end of the first-stage "
-                        "list before re-ranking, as the paper's code does; clean: re-rank the list as it is "
-                        "(default: reference when a ground truth is found, else clean)")
+                        "list before re-ranking, as the paper's code does; clean: re-rank the list as it is; "
+                        "gldv2-test / gldv2-val: GLDv2 mAP@100 (public / private / combined; gldv2-val re-ranks "
+                        "all but the gnd's last 750 queries) (default: reference for a revisited ground truth, "
+                        "gldv2-test for one with 'ok' lists, clean without one)")
     g.add_argument("--split", choices=("medium", "hard", "both"), default="both",
                    help="revisited splits to report (default both; Easy is reported with medium / clean)")
     g.add_argument("--batch-size", type=_count("--batch-size"), metavar="B",
@@ -292,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gnd", metavar="FILE", help="revisited ground-truth pickle (easy / hard / junk per query)")
     p.add_argument("--split", default="all", metavar="SPLITS",
                    help="with --gnd: comma-separated among easy, medium, hard (default all)")
+    p.add_argument("--protocol", choices=("revisited",) + GLDV2_PROTOCOLS, default=None,
+                   help="with --gnd: revisited (mAP / mP@k per split) or GLDv2 mAP@100 (default: gldv2-test for a "
+                        "ground truth with 'ok' lists, else revisited)")
+    p.add_argument("--num-images", type=_count("--num-images"), metavar="N",
+                   help="database size: ids must lie in [0, N) (default: the gnd's imlist length; give the "
+                        "gallery + distractors size for +1M ranks)")
     p.add_argument("--query-labels", metavar="Q.npy", help="class-level sets: class of each query")
     p.add_argument("--db-labels", metavar="D.npy", help="class-level sets: class of each database image")
     p.add_argument("--query-db-ids", metavar="IDS.npy",

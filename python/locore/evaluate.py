@@ -27,7 +27,7 @@ the first-stage list as it is and evaluates all splits on the one ranking.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -103,6 +103,11 @@ def gldv2_ap(row: np.ndarray, ok: np.ndarray, cutoff: int = GLDV2_CUTOFF) -> flo
     pos = np.flatnonzero(np.isin(np.asarray(row)[:cutoff], ok))
     precision = np.arange(1, pos.size + 1) / (pos + 1.0)   # the j-th positive at p: (j + 1) / (p + 1)
     return float(precision.sum() / min(ok.size, cutoff))
+
+
+def is_gldv2_gnd(gnd: Sequence[Dict[str, Any]]) -> bool:
+    """A GLDv2-style ground truth: every query has an ``ok`` list (a revisited one has easy / hard / junk)."""
+    return bool(gnd) and all("ok" in g for g in gnd)
 
 
 def gldv2_metrics(ranks: np.ndarray, gnd: Sequence[Dict[str, Iterable[int]]], protocol: str = "gldv2-test",
@@ -194,12 +199,14 @@ def protocol_runs(protocol: str, split: str) -> List[Tuple[str, Tuple[str, ...]]
     ``reference``: one run per requested split on its own junk-moved list; the medium run also
     reports Easy (as the reference does). ``clean``: one run on the untouched list, reporting all
     requested splits (and Easy)."""
+    if protocol in GLDV2_PROTOCOLS:  # the list as it is (no junk), scored with mAP@100
+        return [("gldv2", ())]
     wanted = ("medium", "hard") if split == "both" else (split,)
     if protocol == "clean":
         return [("clean", ("easy",) + wanted)]
     if protocol == "reference":
         return [(s, ("easy", "medium") if s == "medium" else (s,)) for s in wanted]
-    raise ValueError(f"unknown protocol {protocol!r}; expected reference or clean")
+    raise ValueError(f"unknown protocol {protocol!r}; expected reference, clean, gldv2-test or gldv2-val")
 
 
 def _exclude_self(ranks: np.ndarray, query_db_ids: Optional[np.ndarray]) -> List[np.ndarray]:

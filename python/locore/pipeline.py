@@ -23,15 +23,17 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .data import AmesFiles, DataError, GlobalFeatures, LocalFeatures, Neighbours, locate_files, read_gnd, read_neighbours
-from .evaluate import KAPPAS, SPLITS, protocol_first_stage, protocol_runs, revisited_metrics
+from .data import (AmesFiles, ConcatRows, Database, DataError, GlobalFeatures, LocalFeatures, Neighbours, locate_files,
+                   open_database, read_gnd, read_neighbours)
+from .evaluate import (GLDV2_PRIVATE, GLDV2_PROTOCOLS, KAPPAS, SPLITS, gldv2_metrics, is_gldv2_gnd, protocol_first_stage,
+                       protocol_runs, revisited_metrics)
 from .rerank import (DatasetReranker, RerankStats, SettingsError, Sliding, TopK, check_alpha, check_count,
                      check_temp, tokens_per_image)
 from .scoring import DEFAULT_MODE, MODE_NAMES
 
 PRESET_PREFIX = "preset:"
 SLIDING_DEFAULTS = {"shortlist": 400, "window": 100, "stride": 50}  # the paper's setting
-PROTOCOLS = ("reference", "clean")
+PROTOCOLS = ("reference", "clean") + GLDV2_PROTOCOLS
 RUN_SPLITS = ("medium", "hard", "both")
 METRIC_COLUMNS = ("mAP",) + tuple(f"mP@{k}" for k in KAPPAS)  # revisited metrics, in table order
 
@@ -77,6 +79,8 @@ class DataSettings:
     gnd: Optional[str] = None           # ground truth (default: the one DIR/gnd_*.pkl; none: no metrics)
     descriptors: int = 48               # local descriptors (leading slots) per image
     use_global: bool = True             # feed the global descriptors (a global token per image)
+    distractors: Optional[str] = None   # folder with {desc}_local.hdf5 + {desc}_global.pt (+1M), after the gallery
+    gallery_shards: Optional[Union[str, Tuple[str, ...]]] = None  # gallery local files in id order (glob or list)
 
     def __post_init__(self) -> None:
         check_count("descriptors per image", self.descriptors)
@@ -159,17 +163,29 @@ class Dataset:
 
     settings: DataSettings
     files: AmesFiles
-    query_local: LocalFeatures
-    gallery_local: LocalFeatures
-    query_global: Optional[GlobalFeatures]
-    gallery_global: Optional[GlobalFeatures]
+    database: Database                  # queries, and the database (gallery, then distractors) as one id range
     neighbours: Neighbours
     gnd: Optional[list]
-    protocol: str                       # the resolved protocol: reference | clean
+    protocol: str                       # the resolved protocol: reference | clean | gldv2-test | gldv2-val
+
+    @property
+    def query_local(self) -> LocalFeatures:
+        return self.database.query_local
+
+    @property
+    def gallery_local(self) -> LocalFeatures:
+        return self.database.gallery_local
+
+    @property
+    def query_global(self) -> Optional[GlobalFeatures]:
+        return self.database.query_global
+
+    @property
+    def gallery_global(self) -> Optional[ConcatRows]:
+        return self.database.gallery_global
 
     def close(self) -> None:
-        for reader in (self.query_local, self.gallery_local):
-            reader.close()
+        self.database.close()
 
     def __enter__(self) -> "Dataset":
         return self
@@ -180,48 +196,52 @@ class Dataset:
 
 def open_dataset(data: DataSettings, options: RerankOptions) -> Dataset:
     """Open the files lazily and check them against each other and against ``options`` before anything
-    big is read: descriptor dims, query counts, neighbour ids, shortlist length, ground truth."""
-    files = locate_files(data.data, data.desc, nn=data.nn, gnd=data.gnd, use_global=data.use_global)
-    opened: List[LocalFeatures] = []
+    big is read: descriptor dims, query counts, neighbour ids (over gallery + distractors), shortlist
+    length, ground truth (gallery ids only: distractors are never positives)."""
+    files = locate_files(data.data, data.desc, nn=data.nn, gnd=data.gnd, use_global=data.use_global,
+                         distractors=data.distractors, gallery_shards=data.gallery_shards)
+    db = open_database(files, data.descriptors)
     try:
-        q_local = LocalFeatures(files.query_local, data.descriptors)
-        opened.append(q_local)
-        g_local = LocalFeatures(files.gallery_local, data.descriptors)
-        opened.append(g_local)
-        if q_local.dim != g_local.dim:
-            raise DataError(f"query descriptors have D={q_local.dim} ({files.query_local}) but gallery descriptors "
-                            f"D={g_local.dim} ({files.gallery_local})")
-        q_global = g_global = None
-        if data.use_global:
-            q_global = GlobalFeatures(files.query_global, num_images=len(q_local))
-            g_global = GlobalFeatures(files.gallery_global, num_images=len(g_local))
-            if q_global.dim != g_global.dim:
-                raise DataError(f"query global descriptors have dim {q_global.dim}, gallery ones {g_global.dim}")
-        nn = read_neighbours(files.nn)
-        if nn.num_queries != len(q_local):
+        nn = read_neighbours(files.nn, num_images=db.num_images)
+        if nn.num_queries != len(db.query_local):
             raise DataError(f"{files.nn} has lists for {nn.num_queries} queries, {files.query_local} holds "
-                            f"{len(q_local)} query images")
-        if nn.ids.size and nn.ids.max() >= len(g_local):
-            raise DataError(f"{files.nn} refers to image id {nn.ids.max()}, but {files.gallery_local} holds only "
-                            f"{len(g_local)} images")
+                            f"{len(db.query_local)} query images")
         if options.method.shortlist > nn.topk:
             raise SettingsError(f"shortlist of {options.method.shortlist} images is longer than the neighbour lists "
                                 f"in {files.nn} ({nn.topk} per query)")
         gnd = None
         if files.gnd is not None:
-            gnd = read_gnd(files.gnd)["gnd"]
-            if len(gnd) != nn.num_queries:
+            gnd = read_gnd(files.gnd, num_images=db.num_gallery)["gnd"]
+        protocol = options.protocol or _default_protocol(gnd)
+        if gnd is not None:
+            # gldv2-val: the gnd holds 750 trailing entries that are never evaluated; the query files and
+            # lists may or may not hold them too
+            expected = ((nn.num_queries, nn.num_queries + GLDV2_PRIVATE) if protocol == "gldv2-val"
+                        else (nn.num_queries,))
+            if len(gnd) not in expected:
                 raise DataError(f"{files.gnd} has ground truth for {len(gnd)} queries, {files.nn} lists for "
-                                f"{nn.num_queries}")
-        protocol = options.protocol or ("reference" if gnd is not None else "clean")
+                                f"{nn.num_queries}" + (f" (gldv2-val takes {nn.num_queries} or "
+                                                      f"{nn.num_queries + GLDV2_PRIVATE})" if protocol == "gldv2-val"
+                                                      else ""))
+            if protocol == "gldv2-val" and len(gnd) - GLDV2_PRIVATE < 1:
+                raise DataError(f"{files.gnd}: gldv2-val needs more than {GLDV2_PRIVATE} ground-truth entries "
+                                f"(the last {GLDV2_PRIVATE} are dropped), got {len(gnd)}")
         if protocol == "reference" and gnd is None:
             raise DataError("the reference protocol needs the ground truth (it moves junk images to the end "
                             "before re-ranking): give --gnd FILE, or use --protocol clean")
-        return Dataset(data, files, q_local, g_local, q_global, g_global, nn, gnd, protocol)
+        if protocol in GLDV2_PROTOCOLS and gnd is not None and any("ok" not in g for g in gnd):
+            raise DataError(f"{files.gnd}: protocol {protocol} needs per-query 'ok' lists (GLDv2 ground truth)")
+        return Dataset(data, files, db, nn, gnd, protocol)
     except BaseException:
-        for reader in opened:
-            reader.close()
+        db.close()
         raise
+
+
+def _default_protocol(gnd: Optional[list]) -> str:
+    """reference for a revisited ground truth, gldv2-test for one with ``ok`` lists, clean without one."""
+    if gnd is None:
+        return "clean"
+    return "gldv2-test" if is_gldv2_gnd(gnd) else "reference"
 
 
 def check_model_fits(dataset: Dataset, model) -> None:
@@ -229,9 +249,7 @@ def check_model_fits(dataset: Dataset, model) -> None:
     check scale indices against the model's number of scales)."""
     cfg, files = model.config, dataset.files
     q_local = dataset.query_local
-    for reader in (q_local, dataset.gallery_local):  # rows are validated at read against the model's scales
-        if hasattr(reader, "num_scales"):
-            reader.num_scales = cfg.num_scales
+    dataset.database.set_num_scales(cfg.num_scales)  # rows are validated at read against the model's scales
     if q_local.dim != cfg.local_dim:
         raise DataError(f"local descriptors in {files.query_local} have D={q_local.dim}, but the checkpoint "
                         f"expects local_dim={cfg.local_dim}")
@@ -269,7 +287,22 @@ class RerankReport:
     batch_size: int = 1                                              # queries per forward pass
 
 
+def _subset_gldv2_map(ranks: np.ndarray, gnd: list) -> float:
+    """GLDv2 mAP@100 over the queries given (a --max-queries run), in percent."""
+    from .evaluate import gldv2_ap
+    aps = np.array([gldv2_ap(ranks[i], g["ok"]) for i, g in enumerate(gnd)], dtype=float)
+    aps = aps[~np.isnan(aps)]
+    return 100.0 * float(aps.mean()) if aps.size else float("nan")
+
+
 def _format_table(metrics: dict, protocol: str) -> str:
+    if protocol in GLDV2_PROTOCOLS:
+        m = metrics["mAP@100"]
+        cols = list(m["first_stage"])
+        lines = [f"metrics (protocol: {protocol}; mAP@100 in %)", f"{'stage':<12}" + "".join(f"{c:>10}" for c in cols)]
+        for stage in ("first_stage", "reranked"):
+            lines.append(f"{stage.replace('_', ' '):<12}" + "".join(f"{m[stage][c]:10.2f}" for c in cols))
+        return "\n".join(lines)
     lines = [f"metrics (protocol: {protocol}; in %)",
              f"{'split':<8} {'run':<8} {'stage':<12}" + "".join(f"{c:>8}" for c in METRIC_COLUMNS)]
     for split in SPLITS:
@@ -303,13 +336,18 @@ def run(dataset: Dataset, model, options: RerankOptions, *, checkpoint: str = ""
     reranker = DatasetReranker(model, q_local, dataset.gallery_local, dataset.query_global, dataset.gallery_global,
                                alpha=options.alpha, temp=options.temp, mode=options.mode, softmax=options.softmax,
                                batch_size=batch_size, cuda_graph=options.cuda_graph)
-    queries = None if options.max_queries is None else np.arange(min(options.max_queries, nn.num_queries))
-    eval_gnd = gnd if queries is None or gnd is None else [gnd[i] for i in queries]
+    num_queries = nn.num_queries
+    if dataset.protocol == "gldv2-val" and gnd is not None:  # its trailing 750 queries are never evaluated
+        num_queries = len(gnd) - GLDV2_PRIVATE
+    if options.max_queries is not None:
+        num_queries = min(options.max_queries, num_queries)
+    queries = None if num_queries == nn.num_queries else np.arange(num_queries)
+    eval_gnd = None if gnd is None else list(gnd[:num_queries])
 
     runs = protocol_runs(dataset.protocol, options.split)
     metrics = {} if gnd is not None else None
     for name, splits in runs:
-        if name == "clean":
+        if name in ("clean", "gldv2"):  # the list as it is
             ids, sims = nn.ids, nn.sims
         else:
             ids, sims = protocol_first_stage(nn.ids, nn.sims, gnd, name)
@@ -318,7 +356,13 @@ def run(dataset: Dataset, model, options: RerankOptions, *, checkpoint: str = ""
         ranks, stats = reranker.rerank(ids, sims, method, progress=options.progress, desc=f"re-ranking ({name})")
         report.runs[name], report.first_stage[name], report.stats[name] = ranks.astype(np.int64), ids, stats
         log(f"[{name}] {stats.summary()}; ranks {ranks.shape}")
-        if metrics is not None:
+        if metrics is not None and dataset.protocol in GLDV2_PROTOCOLS:
+            evaluable = len(gnd) - GLDV2_PRIVATE if dataset.protocol == "gldv2-val" else len(gnd)
+            for stage, r in (("first_stage", ids), ("reranked", ranks)):
+                m = (gldv2_metrics(r, gnd, dataset.protocol) if len(eval_gnd) == evaluable
+                     else {"subset": _subset_gldv2_map(r, eval_gnd)})  # --max-queries: no public/private split
+                metrics.setdefault("mAP@100", {"run": name})[stage] = {k: round(v, 2) for k, v in m.items()}
+        elif metrics is not None:
             before = revisited_metrics(ids, eval_gnd, splits)
             after = revisited_metrics(ranks, eval_gnd, splits)
             for s in splits:
