@@ -428,79 +428,238 @@ static void check(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument(msg);
 }
 
-}  // namespace
+// ---------------------------------------------------------------------------------------------
+// The layout as the kernels read it (shared by the attention and the rows entry)
+// ---------------------------------------------------------------------------------------------
+struct LayoutView {
+  const int32_t* global_idx;   // [B, G]
+  const int32_t* num_global;   // [B]
+  const uint8_t* band_key;     // [B, N]
+  const uint8_t* key_padding;  // [B, N]
+  const uint8_t* is_global;    // [B, N]
+  int64_t B, N, G, window;
+};
 
-std::string simd_level() { return LOCORE_AVX2 ? "avx2+fma" : "scalar"; }
-int query_block_rows() { return BQ; }
-int key_chunk() { return int(KC); }
+// Per item: the valid token positions, ascending (the keys of the global rows).
+struct ValidKeys {
+  std::vector<int64_t> count;      // [B]
+  std::vector<int32_t> positions;  // [B * N], item b's first count[b] entries used
+};
 
-void longformer_attention_fp32(const AttentionArgs& a) {
-  const int64_t B = a.B, N = a.N, H = a.H, D = a.D, G = a.G;
+// ---- step 1: validate -----------------------------------------------------------------------
+// Dimensions, window and layout consistency: indices in range, globals listed exactly once in
+// ascending order, band_key == valid & !global. Throws std::invalid_argument; reads only.
+static ValidKeys validate_layout(const LayoutView& L, int64_t H, int64_t D) {
+  const int64_t B = L.B, N = L.N, G = L.G;
   check(B >= 0 && N >= 0 && H >= 0 && D >= 0 && G >= 0, "negative dimension");
-  check(a.window >= 1, "one_sided_window must be >= 1, got " + std::to_string(a.window));
-  const int64_t w = std::min(a.window, N);  // distances never exceed N - 1: same result, no overflow
+  check(L.window >= 1, "one_sided_window must be >= 1, got " + std::to_string(L.window));
   check(G <= N, "more global slots (G=" + std::to_string(G) + ") than tokens (N=" + std::to_string(N) + ")");
-  if (B == 0 || N == 0 || H == 0 || D == 0) return;
+  ValidKeys vk;
+  if (B == 0 || N == 0 || H == 0 || D == 0) return vk;
   check(N < (int64_t(1) << 31), "sequence length must fit in int32");
-
-  // Layout consistency: indices in range, globals listed exactly once, band_key == valid & !global.
-  std::vector<int64_t> nvalid(B, 0);
-  std::vector<int32_t> valid_keys(size_t(B * N));  // per b: positions of the valid tokens, ascending
+  vk.count.assign(B, 0);
+  vk.positions.resize(size_t(B * N));
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t ng = a.num_global[b];
+    const int64_t ng = L.num_global[b];
     check(ng >= 0 && ng <= G, "num_global[" + std::to_string(b) + "]=" + std::to_string(ng) +
                                   " is outside [0, G=" + std::to_string(G) + "]");
     int64_t count_global = 0;
     for (int64_t i = 0; i < N; ++i) {
-      const bool pad = a.key_padding[b * N + i] != 0, glob = a.is_global[b * N + i] != 0;
+      const bool pad = L.key_padding[b * N + i] != 0, glob = L.is_global[b * N + i] != 0;
       check(!(pad && glob), "token " + std::to_string(i) + " of batch item " + std::to_string(b) +
                                 " is both padded and global");
-      check((a.band_key[b * N + i] != 0) == (!pad && !glob),
+      check((L.band_key[b * N + i] != 0) == (!pad && !glob),
             "band_key must equal ~key_padding & ~is_global (batch item " + std::to_string(b) + ")");
       count_global += glob;
-      if (!pad) valid_keys[b * N + nvalid[b]++] = int32_t(i);
+      if (!pad) vk.positions[b * N + vk.count[b]++] = int32_t(i);
     }
     check(count_global == ng, "num_global[" + std::to_string(b) + "] does not match is_global");
     for (int64_t g = 0; g < ng; ++g) {
-      const int64_t j = a.global_idx[b * G + g];
+      const int64_t j = L.global_idx[b * G + g];
       check(j >= 0 && j < N, "global_idx out of range [0, N)");
-      check(a.is_global[b * N + j] != 0, "global_idx points at a non-global token");
-      check(g == 0 || a.global_idx[b * G + g - 1] < j, "global_idx must be strictly ascending");
+      check(L.is_global[b * N + j] != 0, "global_idx points at a non-global token");
+      check(g == 0 || L.global_idx[b * G + g - 1] < j, "global_idx must be strictly ascending");
     }
   }
+  return vk;
+}
 
-  const int64_t rs = H * D;  // row stride of [B, N, H, D]
-  const float qscale = float(1.4426950408889634 / std::sqrt(double(D)));  // log2(e) / sqrt(D)
+// ---- the local rule on one block of rows (used by local tasks of both entries) --------------
+// Up to BQ valid rows of item b, head h, positions ascending; where each query is read and each
+// output row written.
+struct RowBlock {
+  int R = 0;
+  int32_t pos[BQ];
+  const float* q[BQ];
+  float* out[BQ];
+};
 
-  // Global tasks: (b, block of BQ global rows) pairs x heads x key splits.
-  std::vector<std::pair<int64_t, int64_t>> gpairs;
+// Rows of `blk` attend to every global key of item b, then to the band keys within
+// [first row - w, last row + w] (each row masked to its own |i - j| <= w), one online softmax.
+static void attend_local_rows(const LayoutView& L, int64_t b, const float* Kbh, const float* Vbh, int64_t rs,
+                              int64_t D, float qscale, int64_t w, const RowBlock& blk, Scratch& sc) {
+  const int R = blk.R;
+  float* QT = sc.qt.data();
+  for (int r = 0; r < R; ++r)
+    for (int64_t d = 0; d < D; ++d) QT[d * BQ + r] = blk.q[r][d] * qscale;
+  int32_t* keys = sc.keys.data();
+  const int64_t ng = L.num_global[b];
+  std::memcpy(keys, L.global_idx + b * L.G, sizeof(int32_t) * ng);
+  int64_t nk = ng;
+  const uint8_t* band = L.band_key + b * L.N;
+  const int64_t lo = std::max<int64_t>(0, int64_t(blk.pos[0]) - w);
+  const int64_t hi = std::min<int64_t>(L.N - 1, int64_t(blk.pos[R - 1]) + w);
+  for (int64_t j = lo; j <= hi; ++j)
+    if (band[j]) keys[nk++] = int32_t(j);
+  attend_block(sc, R, Kbh, Vbh, rs, D, keys, nk, ng, blk.pos, w);
+  for (int r = 0; r < R; ++r) {
+    float* dst = blk.out[r];
+    const float inv = 1.0f / sc.l.data()[r];
+    const float* ar = sc.acc.data() + r * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = ar[d] * inv;
+  }
+}
+
+// ---- step 2: plan ----------------------------------------------------------------------------
+// Task list of the attention entry: global tasks (b, block of BQ global rows, head, key split)
+// first, then local tasks (b, head, block of BQ positions). Depends on shapes and layout only.
+struct Plan {
+  int64_t rs = 0;        // row stride of [B, N, H, D]
+  float qscale = 0.0f;   // log2(e) / sqrt(D)
+  int64_t w = 1;         // window clamped to N
+  std::vector<std::pair<int64_t, int64_t>> gpairs;  // (b, first global row g0)
+  int64_t n_gt = 0;      // global tasks before splitting: gpairs x H
+  int64_t splits = 1;    // key splits per global task
+  int64_t part_stride = 0;
+  int64_t nblk = 0;      // position blocks per (b, h)
+  int64_t n_tasks = 0;
+  int64_t max_keys = 1;  // longest key list of a local task
+};
+
+static Plan plan_attention(const AttentionArgs& a, const ValidKeys& vk) {
+  Plan p;
+  p.rs = a.H * a.D;
+  p.qscale = float(1.4426950408889634 / std::sqrt(double(a.D)));
+  p.w = std::min(a.window, a.N);  // distances never exceed N - 1: same result, no overflow
   int64_t max_valid = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t g0 = 0; g0 < a.num_global[b]; g0 += BQ) gpairs.emplace_back(b, g0);
-    max_valid = std::max(max_valid, nvalid[b]);
+  for (int64_t b = 0; b < a.B; ++b) {
+    for (int64_t g0 = 0; g0 < a.num_global[b]; g0 += BQ) p.gpairs.emplace_back(b, g0);
+    max_valid = std::max(max_valid, vk.count[b]);
   }
-  const int64_t n_gt = int64_t(gpairs.size()) * H;
-  int64_t splits = 1;
-  if (n_gt > 0 && n_gt < 16) {  // few rows, many keys: split the keys (depends on shapes only)
-    splits = std::min<int64_t>((16 + n_gt - 1) / n_gt, std::max<int64_t>(1, max_valid / 512));
+  p.n_gt = int64_t(p.gpairs.size()) * a.H;
+  if (p.n_gt > 0 && p.n_gt < 16) {  // few rows, many keys: split the keys (depends on shapes only)
+    p.splits = std::min<int64_t>((16 + p.n_gt - 1) / p.n_gt, std::max<int64_t>(1, max_valid / 512));
   }
-  const int64_t part_stride = BQ * (D + 2);
-  std::vector<float> partial(splits > 1 ? size_t(n_gt * splits * part_stride) : 0);
+  p.part_stride = BQ * (a.D + 2);
+  p.nblk = (a.N + BQ - 1) / BQ;
+  p.n_tasks = p.n_gt * p.splits + a.B * a.H * p.nblk;
+  p.max_keys = std::max<int64_t>(a.G + std::min<int64_t>(a.N, BQ + 2 * p.w + 1), 1);
+  return p;
+}
 
-  const int64_t nblk = (N + BQ - 1) / BQ;
-  const int64_t n_lt = B * H * nblk;
-  const int64_t n_tasks = n_gt * splits + n_lt;
-  const int64_t max_keys = std::max<int64_t>(G + std::min<int64_t>(N, BQ + 2 * w + 1), 1);
+// ---- step 3: local task ----------------------------------------------------------------------
+// Block `blk` of positions of (b, h): padded rows written as exact zeros, global rows skipped (the
+// global tasks own them), the valid non-global rows through attend_local_rows.
+static void local_task(const AttentionArgs& a, const LayoutView& L, const Plan& p, int64_t lt, Scratch& sc) {
+  const int64_t N = a.N, H = a.H, D = a.D, rs = p.rs;
+  const int64_t blk = lt % p.nblk, bh = lt / p.nblk;
+  const int64_t h = bh % H, b = bh / H;
+  const int64_t i0 = blk * BQ, i1 = std::min(N, i0 + BQ);
+  const uint8_t* pad = a.key_padding + b * N;
+  const uint8_t* glob = a.is_global + b * N;
+  RowBlock rows;
+  for (int64_t i = i0; i < i1; ++i) {
+    float* dst = a.out + (b * N + i) * rs + h * D;
+    if (pad[i]) {
+      std::memset(dst, 0, sizeof(float) * D);
+    } else if (!glob[i]) {
+      rows.pos[rows.R] = int32_t(i);
+      rows.q[rows.R] = a.q + (b * N + i) * rs + h * D;
+      rows.out[rows.R++] = dst;
+    }
+  }
+  if (rows.R == 0) return;
+  attend_local_rows(L, b, a.k + b * N * rs + h * D, a.v + b * N * rs + h * D, rs, D, p.qscale, p.w, rows, sc);
+}
 
-  int nthreads = a.num_threads;
+// ---- step 4: global task ---------------------------------------------------------------------
+// Up to BQ global rows of (b, h) against key split s of the item's valid keys (k_global, v_global):
+// the normalised rows when unsplit, else the partial softmax state (m, l, acc) into `partial`.
+static void global_task(const AttentionArgs& a, const ValidKeys& vk, const Plan& p, int64_t task,
+                        float* partial, Scratch& sc) {
+  const int64_t N = a.N, H = a.H, D = a.D, G = a.G, rs = p.rs, splits = p.splits;
+  const int64_t gt = task / splits, s = task % splits;
+  const int64_t pair = gt / H, h = gt % H;
+  const int64_t b = p.gpairs[pair].first, g0 = p.gpairs[pair].second;
+  const int R = int(std::min<int64_t>(BQ, a.num_global[b] - g0));
+  float* QT = sc.qt.data();
+  for (int r = 0; r < R; ++r) {
+    const float* src = a.qg + ((b * G + g0 + r) * H + h) * D;
+    for (int64_t d = 0; d < D; ++d) QT[d * BQ + r] = src[d] * p.qscale;
+  }
+  const int64_t nv = vk.count[b];
+  const int64_t k0 = s * nv / splits, k1 = (s + 1) * nv / splits;
+  const int32_t* keys = vk.positions.data() + b * N + k0;
+  attend_block(sc, R, a.kg + b * N * rs + h * D, a.vg + b * N * rs + h * D, rs, D, keys, k1 - k0, k1 - k0,
+               nullptr, p.w);
+  if (splits == 1) {
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = a.global_idx[b * G + g0 + r];
+      float* dst = a.out + (b * N + i) * rs + h * D;
+      const float inv = 1.0f / sc.l.data()[r];
+      const float* ar = sc.acc.data() + r * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] = ar[d] * inv;
+    }
+  } else {
+    float* part = partial + (gt * splits + s) * p.part_stride;
+    std::memcpy(part, sc.m.data(), sizeof(float) * BQ);
+    std::memcpy(part + BQ, sc.l.data(), sizeof(float) * BQ);
+    std::memcpy(part + 2 * BQ, sc.acc.data(), sizeof(float) * BQ * D);
+  }
+}
+
+// ---- step 5: combine -------------------------------------------------------------------------
+// Global task gt's key splits merged in split order (deterministic) and scattered to its rows.
+static void combine_global_splits(const AttentionArgs& a, const Plan& p, int64_t gt, const float* partial) {
+  const int64_t N = a.N, H = a.H, D = a.D, G = a.G, rs = p.rs, splits = p.splits;
+  const int64_t pair = gt / H, h = gt % H;
+  const int64_t b = p.gpairs[pair].first, g0 = p.gpairs[pair].second;
+  const int R = int(std::min<int64_t>(BQ, a.num_global[b] - g0));
+  const float* base = partial + gt * splits * p.part_stride;
+  for (int r = 0; r < R; ++r) {
+    float M = NEG_INF;
+    for (int64_t s = 0; s < splits; ++s) M = std::max(M, base[s * p.part_stride + r]);
+    float L = 0.0f;
+    float* dst = a.out + (b * N + a.global_idx[b * G + g0 + r]) * rs + h * D;
+    std::fill(dst, dst + D, 0.0f);
+    for (int64_t s = 0; s < splits; ++s) {
+      const float* part = base + s * p.part_stride;
+      const float ms = part[r];
+      if (ms == NEG_INF) continue;  // empty split
+      const float f = std::exp2(ms - M);
+      L += part[BQ + r] * f;
+      const float* ar = part + 2 * BQ + r * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] += ar[d] * f;
+    }
+    const float inv = 1.0f / L;
+    for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
+  }
+}
+
+// ---- step 6: run -----------------------------------------------------------------------------
+// One OpenMP region: tasks 0..n_tasks-1 (dynamic schedule), then combine steps 0..n_combine-1.
+// Scratch is allocated before the region, so a failed allocation throws normally instead of
+// terminating inside OpenMP; task(sc, t) and combine(c) must not throw.
+template <typename TaskFn, typename CombineFn>
+static void run_tasks(int requested_threads, int64_t D, int64_t max_keys, int64_t n_tasks, TaskFn&& task,
+                      int64_t n_combine, CombineFn&& combine) {
+  int nthreads = requested_threads;
 #if LOCORE_OPENMP
   if (nthreads <= 0) nthreads = omp_get_max_threads();
 #else
   nthreads = 1;
 #endif
   nthreads = int(std::max<int64_t>(1, std::min<int64_t>(nthreads, n_tasks)));
-  // Scratch is allocated here, outside the parallel region, so that a failed allocation throws
-  // normally instead of terminating inside OpenMP.
   std::vector<std::unique_ptr<Scratch>> scratch;
   for (int t = 0; t < nthreads; ++t) scratch.emplace_back(new Scratch(D, max_keys));
 
@@ -513,114 +672,96 @@ void longformer_attention_fp32(const AttentionArgs& a) {
 #else
     Scratch& sc = *scratch[0];
 #endif
-    float* QT = sc.qt.data();
 #if LOCORE_OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-    for (int64_t task = 0; task < n_tasks; ++task) {
-      std::fill(QT, QT + D * BQ, 0.0f);
-      if (task < n_gt * splits) {
-        // ---------------- global rows ----------------
-        const int64_t gt = task / splits, s = task % splits;
-        const int64_t pair = gt / H, h = gt % H;
-        const int64_t b = gpairs[pair].first, g0 = gpairs[pair].second;
-        const int R = int(std::min<int64_t>(BQ, a.num_global[b] - g0));
-        for (int r = 0; r < R; ++r) {
-          const float* src = a.qg + ((b * G + g0 + r) * H + h) * D;
-          for (int64_t d = 0; d < D; ++d) QT[d * BQ + r] = src[d] * qscale;
-        }
-        const int64_t nv = nvalid[b];
-        const int64_t k0 = s * nv / splits, k1 = (s + 1) * nv / splits;
-        const int32_t* keys = valid_keys.data() + b * N + k0;
-        attend_block(sc, R, a.kg + b * N * rs + h * D, a.vg + b * N * rs + h * D, rs, D, keys, k1 - k0,
-                        k1 - k0, nullptr, w);
-        if (splits == 1) {
-          for (int r = 0; r < R; ++r) {
-            const int64_t i = a.global_idx[b * G + g0 + r];
-            float* dst = a.out + (b * N + i) * rs + h * D;
-            const float inv = 1.0f / sc.l.data()[r];
-            const float* ar = sc.acc.data() + r * D;
-            for (int64_t d = 0; d < D; ++d) dst[d] = ar[d] * inv;
-          }
-        } else {
-          float* part = partial.data() + (gt * splits + s) * part_stride;
-          std::memcpy(part, sc.m.data(), sizeof(float) * BQ);
-          std::memcpy(part + BQ, sc.l.data(), sizeof(float) * BQ);
-          std::memcpy(part + 2 * BQ, sc.acc.data(), sizeof(float) * BQ * D);
-        }
-      } else {
-        // ---------------- local (non-global) rows ----------------
-        const int64_t lt = task - n_gt * splits;
-        const int64_t blk = lt % nblk, bh = lt / nblk;
-        const int64_t h = bh % H, b = bh / H;
-        const int64_t i0 = blk * BQ, i1 = std::min(N, i0 + BQ);
-        const uint8_t* pad = a.key_padding + b * N;
-        const uint8_t* glob = a.is_global + b * N;
-        const uint8_t* band = a.band_key + b * N;
-        int32_t* rowpos = sc.rowpos.data();
-        int R = 0;
-        for (int64_t i = i0; i < i1; ++i) {
-          if (pad[i]) {
-            std::memset(a.out + (b * N + i) * rs + h * D, 0, sizeof(float) * D);
-          } else if (!glob[i]) {
-            rowpos[R++] = int32_t(i);
-          }
-        }
-        if (R == 0) continue;
-        for (int r = 0; r < R; ++r) {
-          const float* src = a.q + (b * N + rowpos[r]) * rs + h * D;
-          for (int64_t d = 0; d < D; ++d) QT[d * BQ + r] = src[d] * qscale;
-        }
-        int32_t* keys = sc.keys.data();
-        const int64_t ng = a.num_global[b];
-        std::memcpy(keys, a.global_idx + b * G, sizeof(int32_t) * ng);
-        int64_t nk = ng;
-        const int64_t lo = std::max<int64_t>(0, int64_t(rowpos[0]) - w);
-        const int64_t hi = std::min<int64_t>(N - 1, int64_t(rowpos[R - 1]) + w);
-        for (int64_t j = lo; j <= hi; ++j)
-          if (band[j]) keys[nk++] = int32_t(j);
-        attend_block(sc, R, a.k + b * N * rs + h * D, a.v + b * N * rs + h * D, rs, D, keys, nk, ng,
-                        rowpos, w);
-        for (int r = 0; r < R; ++r) {
-          float* dst = a.out + (b * N + rowpos[r]) * rs + h * D;
-          const float inv = 1.0f / sc.l.data()[r];
-          const float* ar = sc.acc.data() + r * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = ar[d] * inv;
-        }
-      }
+    for (int64_t t = 0; t < n_tasks; ++t) {
+      std::fill(sc.qt.data(), sc.qt.data() + D * BQ, 0.0f);
+      task(sc, t);
     }
-
-    if (splits > 1) {
-      // deterministic combine of the key splits, in split order
+    if (n_combine > 0) {
 #if LOCORE_OPENMP
 #pragma omp for schedule(static)
 #endif
-      for (int64_t gt = 0; gt < n_gt; ++gt) {
-        const int64_t pair = gt / H, h = gt % H;
-        const int64_t b = gpairs[pair].first, g0 = gpairs[pair].second;
-        const int R = int(std::min<int64_t>(BQ, a.num_global[b] - g0));
-        const float* base = partial.data() + gt * splits * part_stride;
-        for (int r = 0; r < R; ++r) {
-          float M = NEG_INF;
-          for (int64_t s = 0; s < splits; ++s) M = std::max(M, base[s * part_stride + r]);
-          float L = 0.0f;
-          float* dst = a.out + (b * N + a.global_idx[b * G + g0 + r]) * rs + h * D;
-          std::fill(dst, dst + D, 0.0f);
-          for (int64_t s = 0; s < splits; ++s) {
-            const float* part = base + s * part_stride;
-            const float ms = part[r];
-            if (ms == NEG_INF) continue;  // empty split
-            const float f = std::exp2(ms - M);
-            L += part[BQ + r] * f;
-            const float* ar = part + 2 * BQ + r * D;
-            for (int64_t d = 0; d < D; ++d) dst[d] += ar[d] * f;
-          }
-          const float inv = 1.0f / L;
-          for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
-        }
-      }
+      for (int64_t c = 0; c < n_combine; ++c) combine(c);
     }
   }
+}
+
+static LayoutView layout_view(const int32_t* global_idx, const int32_t* num_global, const uint8_t* band_key,
+                              const uint8_t* key_padding, const uint8_t* is_global, int64_t B, int64_t N,
+                              int64_t G, int64_t window) {
+  return LayoutView{global_idx, num_global, band_key, key_padding, is_global, B, N, G, window};
+}
+
+}  // namespace
+
+std::string simd_level() { return LOCORE_AVX2 ? "avx2+fma" : "scalar"; }
+int query_block_rows() { return BQ; }
+int key_chunk() { return int(KC); }
+
+void longformer_attention_fp32(const AttentionArgs& a) {
+  const LayoutView L = layout_view(a.global_idx, a.num_global, a.band_key, a.key_padding, a.is_global, a.B, a.N,
+                                   a.G, a.window);
+  const ValidKeys vk = validate_layout(L, a.H, a.D);
+  if (a.B == 0 || a.N == 0 || a.H == 0 || a.D == 0) return;
+  const Plan p = plan_attention(a, vk);
+  std::vector<float> partial(p.splits > 1 ? size_t(p.n_gt * p.splits * p.part_stride) : 0);
+  const int64_t n_global_tasks = p.n_gt * p.splits;
+  run_tasks(
+      a.num_threads, a.D, p.max_keys, p.n_tasks,
+      [&](Scratch& sc, int64_t t) {
+        if (t < n_global_tasks) global_task(a, vk, p, t, partial.data(), sc);
+        else local_task(a, L, p, t - n_global_tasks, sc);
+      },
+      p.splits > 1 ? p.n_gt : 0, [&](int64_t gt) { combine_global_splits(a, p, gt, partial.data()); });
+}
+
+void longformer_rows_fp32(const RowsArgs& a) {
+  const LayoutView L = layout_view(a.global_idx, a.num_global, a.band_key, a.key_padding, a.is_global, a.B, a.N,
+                                   a.G, a.window);
+  validate_layout(L, a.H, a.D);
+  check(a.R >= 0, "negative number of rows");
+  for (int64_t r = 0; r < a.R; ++r)
+    check(a.rows[r] >= 0 && a.rows[r] < a.N, "rows[" + std::to_string(r) + "]=" + std::to_string(a.rows[r]) +
+                                                 " is outside [0, N=" + std::to_string(a.N) + ")");
+  if (a.B == 0 || a.N == 0 || a.H == 0 || a.D == 0 || a.R == 0) return;
+  const int64_t N = a.N, H = a.H, D = a.D, R = a.R, rs = H * D;
+  const float qscale = float(1.4426950408889634 / std::sqrt(double(D)));
+  const int64_t w = std::min(a.window, N);
+  // Rows in ascending position (stable: repeats keep their order), blocks of BQ of them: each
+  // block's band is then one interval, and attend_block's |i - j| <= w shortcut holds.
+  std::vector<int64_t> order(R);
+  for (int64_t r = 0; r < R; ++r) order[r] = r;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return a.rows[x] < a.rows[y]; });
+  const int64_t nblk = (R + BQ - 1) / BQ;
+  int64_t max_span = 0;
+  for (int64_t blk = 0; blk < nblk; ++blk) {
+    const int64_t last = std::min(R, (blk + 1) * BQ) - 1;
+    max_span = std::max<int64_t>(max_span, a.rows[order[last]] - a.rows[order[blk * BQ]]);
+  }
+  const int64_t max_keys = std::max<int64_t>(a.G + std::min<int64_t>(N, max_span + 2 * w + 1), 1);
+  run_tasks(
+      a.num_threads, D, max_keys, a.B * H * nblk,
+      [&](Scratch& sc, int64_t t) {
+        const int64_t blk = t % nblk, bh = t / nblk;
+        const int64_t h = bh % H, b = bh / H;
+        RowBlock rows;
+        for (int64_t e = blk * BQ; e < std::min(R, (blk + 1) * BQ); ++e) {
+          const int64_t r = order[e], i = a.rows[r];
+          float* dst = a.out + (b * R + r) * rs + h * D;
+          if (a.key_padding[b * N + i]) {
+            std::memset(dst, 0, sizeof(float) * D);
+          } else {  // global or not, a listed row follows the non-global rule
+            rows.pos[rows.R] = int32_t(i);
+            rows.q[rows.R] = a.q_rows + (b * R + r) * rs + h * D;
+            rows.out[rows.R++] = dst;
+          }
+        }
+        if (rows.R > 0)
+          attend_local_rows(L, b, a.k + b * N * rs + h * D, a.v + b * N * rs + h * D, rs, D, qscale, w, rows, sc);
+      },
+      0, [](int64_t) {});
 }
 
 }  // namespace locore

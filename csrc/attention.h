@@ -32,6 +32,31 @@ struct AttentionArgs {
 // Throws std::invalid_argument on inconsistent layout data (indices out of range, ...).
 void longformer_attention_fp32(const AttentionArgs& a);
 
+// The non-global rule for a list of rows only (a layer whose outputs are read at a few rows).
+struct RowsArgs {
+  const float* q_rows = nullptr;  // [B, R, H, D] local queries of the listed rows
+  const float* k = nullptr;       // [B, N, H, D] local keys / values of every token
+  const float* v = nullptr;
+  const int32_t* rows = nullptr;  // [R] positions in [0, N), any order, repeats allowed
+  float* out = nullptr;           // [B, R, H, D] every row written (padded rows exactly 0)
+
+  const int32_t* global_idx = nullptr;  // layout, as in AttentionArgs
+  const int32_t* num_global = nullptr;
+  const uint8_t* band_key = nullptr;
+  const uint8_t* key_padding = nullptr;
+  const uint8_t* is_global = nullptr;
+
+  int64_t B = 0, N = 0, H = 0, D = 0, G = 0, R = 0;
+  int64_t window = 1;
+  int num_threads = 0;
+};
+
+// Row r (position i = rows[r], padded: exact zeros) attends to every global token and to the valid
+// non-global tokens j with |i - j| <= w, one softmax; same arithmetic as the local rows of
+// longformer_attention_fp32 (bit-identical for a row in a block of the same rows). Throws
+// std::invalid_argument on inconsistent data.
+void longformer_rows_fp32(const RowsArgs& a);
+
 // "avx2+fma" or "scalar": which inner loops this build uses.
 std::string simd_level();
 

@@ -96,6 +96,45 @@ void attention_fp32(const py::array& q, const py::array& k, const py::array& v, 
   locore::longformer_attention_fp32(a);
 }
 
+void rows_fp32(const py::array& q_rows, const py::array& k, const py::array& v, const py::array& rows,
+               py::array out, const py::array& global_idx, const py::array& num_global, const py::array& band_key,
+               const py::array& key_padding, const py::array& is_global, int64_t one_sided_window,
+               int num_threads) {
+  locore::RowsArgs a;
+  a.B = dim(k, 0, "k", 4);
+  a.N = k.shape(1);
+  a.H = k.shape(2);
+  a.D = k.shape(3);
+  a.R = dim(rows, 0, "rows", 1);
+  a.G = dim(global_idx, 1, "global_idx", 2);
+  const std::vector<py::ssize_t> bnhd{a.B, a.N, a.H, a.D}, brhd{a.B, a.R, a.H, a.D}, bn{a.B, a.N};
+  a.q_rows = checked<float>(q_rows, "q_rows", brhd, "float32");
+  a.k = checked<float>(k, "k", bnhd, "float32");
+  a.v = checked<float>(v, "v", bnhd, "float32");
+  a.rows = checked<int32_t>(rows, "rows", {a.R}, "int32");
+  checked<float>(out, "out", brhd, "float32");
+  if (!out.writeable()) throw std::invalid_argument("out must be writeable");
+  a.out = static_cast<float*>(out.mutable_data());
+  a.global_idx = checked<int32_t>(global_idx, "global_idx", {a.B, a.G}, "int32");
+  a.num_global = checked<int32_t>(num_global, "num_global", {a.B}, "int32");
+  a.band_key = checked<uint8_t>(band_key, "band_key", bn, "uint8");
+  a.key_padding = checked<uint8_t>(key_padding, "key_padding", bn, "uint8");
+  a.is_global = checked<uint8_t>(is_global, "is_global", bn, "uint8");
+  a.window = one_sided_window;
+  a.num_threads = num_threads;
+  const size_t out_bytes = size_t(a.B * a.R * a.H * a.D) * sizeof(float);
+  const size_t kv_bytes = size_t(a.B * a.N * a.H * a.D) * sizeof(float);
+  const std::pair<const float*, size_t> ins[] = {{a.q_rows, out_bytes}, {a.k, kv_bytes}, {a.v, kv_bytes}};
+  const char* o = reinterpret_cast<const char*>(a.out);
+  for (const auto& in : ins) {  // rows of out are written while inputs are still read
+    const char* p = reinterpret_cast<const char*>(in.first);
+    if (out_bytes && in.second && p < o + out_bytes && o < p + in.second)
+      throw std::invalid_argument("out must not overlap an input");
+  }
+  py::gil_scoped_release release;
+  locore::longformer_rows_fp32(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -113,4 +152,11 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_global"), py::arg("k_global"), py::arg("v_global"),
         py::arg("out"), py::arg("global_idx"), py::arg("num_global"), py::arg("band_key"),
         py::arg("key_padding"), py::arg("is_global"), py::arg("one_sided_window"), py::arg("num_threads") = 0);
+  m.def("longformer_rows_fp32", &rows_fp32,
+        "The non-global rule for the rows `rows` only, fp32, into `out`: q_rows, out float32 [B, R, H, D];\n"
+        "k, v float32 [B, N, H, D]; rows int32 [R] (positions, any order); layout arrays as in\n"
+        "longformer_attention_fp32. Padded rows are exact zeros. Releases the GIL while computing.",
+        py::arg("q_rows"), py::arg("k"), py::arg("v"), py::arg("rows"), py::arg("out"), py::arg("global_idx"),
+        py::arg("num_global"), py::arg("band_key"), py::arg("key_padding"), py::arg("is_global"),
+        py::arg("one_sided_window"), py::arg("num_threads") = 0);
 }
