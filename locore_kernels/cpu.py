@@ -1,8 +1,13 @@
-"""CPU backend: the C++/OpenMP kernel ``locore_kernels._cpu`` (csrc/attention.cpp), fp32.
+"""CPU backend: the C++/OpenMP kernels of ``locore_kernels._cpu`` (csrc/attention.cpp), fp32 arithmetic.
 
-Inputs are handed over zero-copy as numpy views of contiguous fp32 CPU tensors; the kernel writes
-every row of a freshly allocated output (padded rows exactly 0) and releases the GIL while it runs.
-It uses ``torch.get_num_threads()`` OpenMP threads; results do not depend on the thread count.
+Inputs are handed over zero-copy as numpy views of contiguous fp32 CPU tensors; float16/bfloat16
+inputs are converted to fp32 first and the result back to their dtype (the kernel is O(N * (G + w))
+in every dtype: no dense fallback). The kernel writes every row of a freshly allocated output
+(padded rows exactly 0) and releases the GIL while it runs. It uses ``torch.get_num_threads()``
+OpenMP threads; results do not depend on the thread count.
+
+Which dtypes/devices reach this module is decided by ``backends.CpuBackend``; the checks here are the
+ones the extension needs not to crash (shapes, layout tensors).
 """
 from __future__ import annotations
 
@@ -24,21 +29,7 @@ def _ext():
     return _cpu
 
 
-def _check_inputs(tensors: tuple[Tensor, ...], layout: AttentionLayout) -> None:
-    for name, t in zip(_NAMES, tensors):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device.type != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU tensors, but {name} is on {t.device}")
-        if t.dtype != torch.float32:
-            raise ValueError(f"backend='cpu' computes in float32, but {name} has dtype {t.dtype}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have shape [B, N, H, D], got {tuple(t.shape)}")
-    B, N, H, D = tensors[0].shape
-    for name, t in zip(_NAMES, tensors):
-        rows = layout.max_global if name == "q_global_gathered" else N
-        if tuple(t.shape) != (B, rows, H, D):
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(B, rows, H, D)}")
+def _check_layout(layout: AttentionLayout, B: int, N: int) -> None:
     for name in ("is_global", "key_padding", "band_key"):
         m = getattr(layout, name)
         if tuple(m.shape) != (B, N):
@@ -52,12 +43,30 @@ def _check_inputs(tensors: tuple[Tensor, ...], layout: AttentionLayout) -> None:
                          f"{tuple(layout.num_global.shape)} do not match B={B}, G={layout.max_global}")
 
 
+def _check_tensors(named: dict[str, Tensor]) -> None:
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, but {name} is on {t.device}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [B, N, H, D], got {tuple(t.shape)}")
+
+
 def _np_f32(t: Tensor):
-    return t.detach().contiguous().numpy()
+    return t.detach().to(torch.float32).contiguous().numpy()
 
 
 def _np_mask(t: Tensor):
     return t.detach().contiguous().view(torch.uint8).numpy()
+
+
+def _np_layout(layout: AttentionLayout, N: int) -> tuple:
+    """global_idx, num_global, band_key, key_padding, is_global, window: the extension's layout arguments."""
+    return (layout.global_idx.detach().to(torch.int32).contiguous().numpy(),
+            layout.num_global.detach().to(torch.int32).contiguous().numpy(),
+            _np_mask(layout.band_key), _np_mask(layout.key_padding), _np_mask(layout.is_global),
+            min(int(layout.one_sided_window), max(N, 1)))
 
 
 def cpu_attention(
@@ -65,30 +74,47 @@ def cpu_attention(
     q_global_gathered: Tensor, k_global: Tensor, v_global: Tensor,
     layout: AttentionLayout, *, out: Optional[Tensor] = None,
 ) -> Tensor:
-    """Longformer attention on CPU in fp32 -> [B, N, H, D] fp32.
+    """Longformer attention on CPU, fp32 arithmetic -> [B, N, H, D] in q's dtype.
 
-    q, k, v, k_global, v_global: [B, N, H, D] float32 CPU; q_global_gathered: [B, G, H, D], the global
+    q, k, v, k_global, v_global: [B, N, H, D] CPU; q_global_gathered: [B, G, H, D], the global
     queries of the global tokens in ``layout.global_idx`` order (G = layout.max_global).
-    ``out``: optional contiguous float32 [B, N, H, D] CPU tensor to write into (every element is
-    overwritten; it must not share memory with an input). Returns ``out``.
+    ``out``: optional contiguous float32 [B, N, H, D] CPU tensor to write into (fp32 inputs only;
+    every element is overwritten; it must not share memory with an input). Returns ``out``.
     """
     tensors = (q, k, v, q_global_gathered, k_global, v_global)
-    _check_inputs(tensors, layout)
+    _check_tensors(dict(zip(_NAMES, tensors)))
+    B, N, H, D = q.shape
+    for name, t in zip(_NAMES, tensors):
+        rows = layout.max_global if name == "q_global_gathered" else N
+        if tuple(t.shape) != (B, rows, H, D):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {(B, rows, H, D)}")
+    _check_layout(layout, B, N)
     if out is None:
         out = torch.empty(q.shape, dtype=torch.float32)
-    elif not (isinstance(out, Tensor) and out.dtype == torch.float32 and out.device.type == "cpu"
+    elif not (isinstance(out, Tensor) and out.dtype == torch.float32 == q.dtype and out.device.type == "cpu"
               and tuple(out.shape) == tuple(q.shape) and out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {tuple(q.shape)}")
-    if out.numel() == 0:
-        return out
-    arrays = [_np_f32(t) for t in tensors]
-    N = q.shape[1]
-    _ext().longformer_attention_fp32(
-        *arrays, out.detach().numpy(),
-        layout.global_idx.detach().to(torch.int32).contiguous().numpy(),
-        layout.num_global.detach().to(torch.int32).contiguous().numpy(),
-        _np_mask(layout.band_key), _np_mask(layout.key_padding), _np_mask(layout.is_global),
-        min(int(layout.one_sided_window), N),
-        torch.get_num_threads(),
-    )
-    return out
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {tuple(q.shape)} (fp32 inputs)")
+    if out.numel() > 0:
+        _ext().longformer_attention_fp32(*(_np_f32(t) for t in tensors), out.detach().numpy(),
+                                         *_np_layout(layout, N), torch.get_num_threads())
+    return out if q.dtype == torch.float32 else out.to(q.dtype)
+
+
+def cpu_rows_attention(q_rows: Tensor, k: Tensor, v: Tensor, rows: Tensor, layout: AttentionLayout) -> Tensor:
+    """The non-global rule for ``rows`` [R] (any order, repeats allowed) -> [B, R, H, D] in q_rows' dtype.
+
+    q_rows [B, R, H, D] are the rows' local queries, k, v [B, N, H, D] every token's (CPU).
+    """
+    _check_tensors({"q_rows": q_rows, "k": k, "v": v})
+    B, N, H, D = k.shape
+    R = rows.shape[0]
+    if tuple(q_rows.shape) != (B, R, H, D) or tuple(v.shape) != (B, N, H, D):
+        raise ValueError(f"q_rows {tuple(q_rows.shape)} / v {tuple(v.shape)} do not match k {(B, N, H, D)} "
+                         f"and R={R} rows")
+    _check_layout(layout, B, N)
+    out = torch.empty((B, R, H, D), dtype=torch.float32)
+    if out.numel() > 0:
+        _ext().longformer_rows_fp32(_np_f32(q_rows), _np_f32(k), _np_f32(v),
+                                    rows.detach().to(torch.int32).contiguous().numpy(), out.numpy(),
+                                    *_np_layout(layout, N), torch.get_num_threads())
+    return out if q_rows.dtype == torch.float32 else out.to(q_rows.dtype)

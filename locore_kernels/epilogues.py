@@ -13,18 +13,15 @@ processes never pay for importing it.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .env import triton_interpreter_enabled as _interpreting
+
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 try:

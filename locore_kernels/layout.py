@@ -34,6 +34,9 @@ class AttentionLayout:
     max_global: int
     one_sided_window: int
 
+    def __post_init__(self) -> None:  # a hand-built layout gets the same window check as build_layout
+        check_window(self.one_sided_window, "AttentionLayout.one_sided_window")
+
     @property
     def batch(self) -> int:
         return self.is_global.shape[0]
@@ -49,16 +52,17 @@ class AttentionLayout:
         return torch.gather(x, 1, idx)
 
 
-def check_window(one_sided_window: int) -> int:
-    """Accept any integer-like value (int, numpy or 0-d torch integer) but not bool; return a plain int."""
+def check_window(one_sided_window: int, name: str = "one_sided_window") -> int:
+    """Accept any integer-like value (int, numpy or 0-d torch integer) but not bool; return a plain int.
+    Any size is fine (a window wider than the sequence covers it); kernels clamp it to N."""
     if isinstance(one_sided_window, bool):
-        raise ValueError(f"one_sided_window must be a positive int, got {one_sided_window!r}")
+        raise ValueError(f"{name} must be a positive int, got {one_sided_window!r}")
     try:
         one_sided_window = operator.index(one_sided_window)
     except TypeError:
-        raise ValueError(f"one_sided_window must be a positive int, got {one_sided_window!r}") from None
+        raise ValueError(f"{name} must be a positive int, got {one_sided_window!r}") from None
     if one_sided_window < 1:
-        raise ValueError(f"one_sided_window must be >= 1, got {one_sided_window}")
+        raise ValueError(f"{name} must be >= 1, got {one_sided_window}")
     return one_sided_window
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .layout import check_window
+
 
 def longformer_attention_reference(
     q: Tensor, k: Tensor, v: Tensor,
@@ -21,6 +23,9 @@ def longformer_attention_reference(
       with q, k, v (one softmax over the union);
     * global row i: softmax over {valid j} with q_global, k_global, v_global;
     * padded row i: exactly 0.
+
+    NaN or inf in the inputs propagates to the rows that see it (as in the C++ kernel): only rows with
+    no key at all are defined as 0 rather than computed.
     """
     B, N, H, D = q.shape
     out_dtype = q.dtype
@@ -49,8 +54,9 @@ def local_rows_attention(
     non-global tokens j with |i - j| <= w, one softmax; padded rows give exactly 0. Used by the
     reference (all rows) and by a model layer whose outputs are read at a few rows only."""
     cdt = _compute_dtype(q_rows.dtype)
+    w = min(check_window(one_sided_window), k.shape[1])  # |i - j| < N always: same keys, no int64 overflow
     pos = torch.arange(k.shape[1], device=k.device)
-    in_band = (rows[:, None] - pos[None, :]).abs() <= one_sided_window                 # [R, N]
+    in_band = (rows[:, None] - pos[None, :]).abs() <= w                 # [R, N]
     band_key = ~key_padding & ~is_global                                              # [B, N] keys of the band
     allowed = (in_band[None] & band_key[:, None, :]) | is_global[:, None, :]          # [B, R, N]
     out = _masked_attention(q_rows.to(cdt), k.to(cdt), v.to(cdt), allowed)
@@ -62,8 +68,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _masked_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(D), masked to ``allowed`` [B, Nq, Nk]) v; all-masked rows give 0, not NaN."""
+    """softmax(q k^T / sqrt(D), masked to ``allowed`` [B, Nq, Nk]) v; rows with no allowed key give 0.
+
+    Only those rows are zeroed (their softmax is 0/0); a NaN from q or an allowed k stays NaN.
+    """
     scores = torch.einsum("bihd,bjhd->bhij", q, k) * q.shape[-1] ** -0.5
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    probs = torch.softmax(scores, dim=-1)
+    no_key = ~allowed.any(dim=-1)                                                     # [B, Nq]
+    probs = probs.masked_fill(no_key[:, None, :, None], 0.0)
     return torch.einsum("bhij,bjhd->bihd", probs, v)

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional
 
 import numpy as np
@@ -53,11 +52,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .env import triton_interpreter_enabled as _interpreting
 from .layout import AttentionLayout
 
 LOG2E = 1.4426950408889634
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Fixed configs used under the interpreter (tests may monkeypatch these to try other tile shapes).
 # BLOCK_M != BLOCK_N on purpose, so no code path can silently assume square tiles.
@@ -65,13 +63,13 @@ INTERPRETER_LOCAL_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 16}
 INTERPRETER_GLOBAL_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
 COMBINE_BLOCK_G = 16
 
+# The rows op is small (the model's pruned layer: one row per image): one fixed config per dtype family.
+ROWS_CONFIG_16BIT = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+ROWS_CONFIG_FP32 = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+
 # Split sizes of the global kernel are multiples of this many keys (the largest BLOCK_N on GPU).
 GPU_SPLIT_ALIGN = 128
 GPU_MIN_SPLIT_KEYS = 256
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _install_interpreter_index_shim() -> None:
@@ -165,6 +163,21 @@ def _band_tiles(acc, l_i, m_i, q, k_base, v_base, bandkey_base, stride_kn, strid
     return acc, l_i, m_i
 
 
+@triton.jit
+def _global_key_tiles(acc, l_i, m_i, q, k_base, v_base, gidx_base, n_glob, stride_kn, stride_vn, offs_d, qk_scale,
+                      BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """The compact global-key list ``gidx_base[:n_glob]`` in chunks of BLOCK_N gathered k/v rows."""
+    for start_g in range(0, n_glob, BLOCK_N):
+        offs_g = start_g + tl.arange(0, BLOCK_N)
+        g_in = offs_g < n_glob  # the last chunk of the global list runs past num_global[b]
+        idx = tl.load(gidx_base + offs_g, mask=g_in, other=0)
+        k = tl.load(k_base + (idx[:, None] * stride_kn + offs_d[None, :]), mask=g_in[:, None], other=0.0)
+        v = tl.load(v_base + (idx[:, None] * stride_vn + offs_d[None, :]), mask=g_in[:, None], other=0.0)
+        s = tl.where(g_in[None, :], _dot_qk(q, tl.trans(k), UPCAST), float("-inf"))
+        acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, s, v, qk_scale, UPCAST)
+    return acc, l_i, m_i
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernel 1: non-global rows
 # ----------------------------------------------------------------------------------------------
@@ -212,14 +225,8 @@ def _local_rows_kernel(
     # -- stage 0: the compact list of global keys (seen by every non-global row) --
     n_glob = tl.load(NumGlobal + off_b)
     n_glob = tl.where(tile_active, n_glob, 0)
-    for start_g in range(0, n_glob, BLOCK_N):
-        offs_g = start_g + tl.arange(0, BLOCK_N)
-        g_in = offs_g < n_glob  # the last chunk of the global list runs past num_global[b]
-        idx = tl.load(GIdx + off_b * stride_gb + offs_g, mask=g_in, other=0)
-        k = tl.load(k_base + (idx[:, None] * stride_kn + offs_d[None, :]), mask=g_in[:, None], other=0.0)
-        v = tl.load(v_base + (idx[:, None] * stride_vn + offs_d[None, :]), mask=g_in[:, None], other=0.0)
-        s = tl.where(g_in[None, :], _dot_qk(q, tl.trans(k), UPCAST), float("-inf"))
-        acc, l_i, m_i = _online_softmax_update(acc, l_i, m_i, s, v, qk_scale, UPCAST)
+    acc, l_i, m_i = _global_key_tiles(acc, l_i, m_i, q, k_base, v_base, GIdx + off_b * stride_gb, n_glob,
+                                      stride_kn, stride_vn, offs_d, qk_scale, BLOCK_N, UPCAST)
 
     # -- stages 1-3: band key tiles, aligned to BLOCK_N, covering [start_m - w, start_m + BLOCK_M - 1 + w] --
     lo = (tl.maximum(start_m - W, 0) // BLOCK_N) * BLOCK_N
@@ -348,6 +355,68 @@ def _global_rows_combine_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Rows op: kernel 1's rule for a list of rows (the model's pruned last layer)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _row_list_kernel(
+    Q, K, V, Out, KeyPad, BandKey, GIdx, NumGlobal, RowPos, RowDest,
+    stride_qb, stride_qr, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_or, stride_oh,
+    stride_mb, stride_gb,
+    N, R, H, W, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Grid (cdiv(R, BLOCK_M), B*H): BLOCK_M entries of the row list, sorted by position on the host
+    (RowPos ascending; RowDest = each entry's index in the caller's list, where q is read and out
+    written). Same two stages as kernel 1: the global keys, then the key tiles covering
+    [first position - w, last position + w], every tile masked to |i - j| <= w per row."""
+    pid_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+
+    offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    r_in = offs_r < R  # the last block of the list runs past R
+    pos = tl.load(RowPos + offs_r, mask=r_in, other=0)
+    dest = tl.load(RowDest + offs_r, mask=r_in, other=0)
+
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    o_base = Out + off_b * stride_ob + off_h * stride_oh
+    mask_off = off_b * stride_mb
+
+    row_pad = tl.load(KeyPad + mask_off + pos, mask=r_in, other=1) != 0  # padded rows: output 0
+    row_active = r_in & (~row_pad)  # a listed global row follows the non-global rule too
+    tile_active = tl.sum(row_active.to(tl.int32), 0) > 0
+
+    q = tl.load(q_base + (dest[:, None] * stride_qr + offs_d[None, :]), mask=r_in[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    n_glob = tl.where(tile_active, tl.load(NumGlobal + off_b), 0)
+    acc, l_i, m_i = _global_key_tiles(acc, l_i, m_i, q, k_base, v_base, GIdx + off_b * stride_gb, n_glob,
+                                      stride_kn, stride_vn, offs_d, qk_scale, BLOCK_N, UPCAST)
+
+    first = tl.min(tl.where(row_active, pos, N), 0)
+    last = tl.max(tl.where(row_active, pos, -1), 0)
+    lo = (tl.maximum(first - W, 0) // BLOCK_N) * BLOCK_N
+    hi = tl.where(tile_active, tl.minimum(last + W + 1, N), lo)
+    acc, l_i, m_i = _band_tiles(acc, l_i, m_i, q, k_base, v_base, BandKey + mask_off, stride_kn, stride_vn,
+                                pos, offs_d, lo, hi, N, W, qk_scale, BLOCK_N, True, UPCAST)
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows without keys (padded, past R) avoid 0/0
+    out = tl.where(row_pad[:, None], 0.0, acc / l_safe[:, None])  # padded rows: exactly 0
+    tl.store(o_base + (dest[:, None] * stride_or + offs_d[None, :]), out.to(Out.dtype.element_ty),
+             mask=r_in[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
 # Autotuned variants (CUDA only)
 # ----------------------------------------------------------------------------------------------
 
@@ -437,15 +506,10 @@ def triton_attention(
     order (rows >= num_global[b] ignored). Any strides with a unit last-dim stride are used as they
     are (others are made contiguous once). ``out`` (optional, [B, N, H, D] contiguous, the inputs'
     dtype) receives the result; every row of it is written. No host synchronisation.
+    Device, dtype and head dim are checked by the dispatch (``backends.TritonBackend``).
     """
     B, N, H, D = q.shape
     G = layout.max_global
-    if q.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"triton_attention needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"triton_attention supports head dim D in {SUPPORTED_HEAD_DIMS}, got D={D}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"triton_attention supports float16/bfloat16/float32, got {q.dtype}")
     if tuple(q_global_gathered.shape) != (B, G, H, D):
         raise ValueError(f"q_global_gathered has shape {tuple(q_global_gathered.shape)}, expected {(B, G, H, D)}")
     if out is None:
@@ -525,5 +589,43 @@ def triton_attention(
         out.stride(0), out.stride(1), out.stride(2), global_idx.stride(0),
         H, G, num_splits,
         HEAD_DIM=D, BLOCK_G=COMBINE_BLOCK_G,
+    )
+    return out
+
+
+def triton_rows_attention(q_rows: Tensor, k: Tensor, v: Tensor, rows: Tensor, layout: AttentionLayout) -> Tensor:
+    """Kernel 1's rule for the rows ``rows`` [R] (any order, repeats allowed) -> [B, R, H, D] in q_rows'
+    dtype: q_rows [B, R, H, D] their local queries, k, v [B, N, H, D] every token's. The list is sorted
+    by position once on the device (one argsort), so each program's band is one short interval."""
+    B, N, H, D = k.shape
+    R = rows.shape[0]
+    out = torch.empty((B, R, H, D), dtype=q_rows.dtype, device=q_rows.device)
+    if B == 0 or N == 0 or H == 0 or R == 0:
+        return out
+    q_rows, k, v = (_rows_last_contiguous(t) for t in (q_rows, k, v))
+    if max(t.stride(1) for t in (q_rows, k, v, out)) * max(N, R) >= 2**31:
+        raise ValueError("triton_rows_attention: a [N, H, D] slice of the inputs exceeds int32 element offsets")
+    order = torch.argsort(rows, stable=True)
+    row_pos = rows[order].to(torch.int32).contiguous()
+    row_dest = order.to(torch.int32).contiguous()
+    key_padding = layout.key_padding.contiguous()
+    band_key = layout.band_key.contiguous()
+    global_idx = layout.global_idx.contiguous()
+    num_global = layout.num_global.contiguous()
+    interp = _interpreting() or q_rows.device.type != "cuda"
+    if interp:
+        cfg = dict(INTERPRETER_LOCAL_CONFIG)
+    else:
+        cfg = dict(ROWS_CONFIG_FP32 if q_rows.dtype == torch.float32 else ROWS_CONFIG_16BIT)
+    grid = (triton.cdiv(R, cfg["BLOCK_M"]), B * H)
+    _row_list_kernel[grid](
+        q_rows, k, v, out, key_padding, band_key, global_idx, num_global, row_pos, row_dest,
+        q_rows.stride(0), q_rows.stride(1), q_rows.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        key_padding.stride(0), global_idx.stride(0),
+        N, R, H, min(layout.one_sided_window, N), LOG2E / math.sqrt(D),
+        HEAD_DIM=D, UPCAST=interp and q_rows.dtype == torch.bfloat16, **cfg,
     )
     return out

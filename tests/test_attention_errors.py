@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from locore_kernels import _cpu, attention_with_layout, build_layout, longformer_attention
-from locore_kernels import longformer_attention_reference
+from locore_kernels import BACKENDS, _cpu, attention_rows, attention_with_layout, build_layout, longformer_attention
+from locore_kernels import longformer_attention_reference, resolve_backend
+from locore_kernels.backends import REGISTRY
+from locore_kernels.layout import AttentionLayout
 from locore_kernels.cpu import cpu_attention
 
 B, N, H, D = 2, 12, 2, 16
@@ -164,17 +166,16 @@ def test_triton_needs_cuda_or_interpreter(monkeypatch):
         call(inputs(), backend="triton")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
-def test_cpu_backend_needs_float32(dtype):
-    with pytest.raises(ValueError, match=rf"backend='cpu' computes in float32, got {dtype}"):
-        call(inputs(dtype=dtype), backend="cpu")
+def test_cpu_backend_refuses_float64():
+    with pytest.raises(ValueError, match=r"backend='cpu' supports float16/bfloat16/float32, got torch.float64"):
+        call(inputs(dtype=torch.float64), backend="cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA tensor")
 def test_cpu_backend_needs_cpu_tensors_cuda():
     x = inputs(device="cuda")
     glob, pad = (m.cuda() for m in masks())
-    with pytest.raises(ValueError, match=r"backend='cpu' needs CPU tensors"):
+    with pytest.raises(ValueError, match=r"backend='cpu' needs CPU tensors, got device cuda"):
         call(x, glob=glob, pad=pad, backend="cpu")
 
 
@@ -186,6 +187,45 @@ def test_cpu_backend_needs_cpu_tensors():
     x[3] = torch.empty(B, layout.max_global, H, D, device="meta")
     with pytest.raises(ValueError, match=r"backend='cpu' needs CPU tensors, but q is on meta"):
         cpu_attention(*x, layout)
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry: one error listing every backend's reasons; explicit backends raise their own
+# ----------------------------------------------------------------------------------------------
+def test_no_backend_fits_lists_every_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError) as info:
+        resolve_backend(None, torch.device("meta"), torch.float32, 64)
+    msg = str(info.value)
+    assert msg.startswith("no attention backend runs torch.float32 tensors on meta")
+    for name in BACKENDS:
+        assert f"backend={name!r}" in msg
+
+
+def test_interpreter_is_never_picked_automatically(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend(None, torch.device("cpu"), torch.float32, 64) == "cpu"
+    assert resolve_backend("triton", torch.device("cpu"), torch.float32, 64) == "triton"
+
+
+@pytest.mark.parametrize("dtype, expected", [(torch.float32, "cpu"), (torch.float16, "cpu"), (torch.bfloat16, "cpu"),
+                                             (torch.float64, "reference")])
+def test_cpu_dispatch_by_dtype(dtype, expected):
+    assert resolve_backend(None, torch.device("cpu"), dtype, 64) == expected
+
+
+def test_explicit_backend_reports_all_its_reasons(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"needs CUDA tensors.*; backend='triton' supports head dim D in .* got D=24"):
+        call(inputs(d=24), backend="triton")
+
+
+def test_registry_reasons_are_empty_when_supported():
+    cpu = REGISTRY["cpu"]
+    assert cpu.not_supported_reasons(torch.device("cpu"), torch.float16, 48) == []
+    assert REGISTRY["reference"].not_supported_reasons(torch.device("cpu"), torch.float64, 7) == []
+    assert REGISTRY["triton"].not_supported_reasons(torch.device("cuda"), torch.bfloat16, 64) == []
+    assert REGISTRY["triton"].not_supported_reasons(torch.device("cuda"), torch.bfloat16, 48) != []
 
 
 def test_layout_entry_checks_gathered_global_rows():

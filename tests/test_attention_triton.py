@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import locore_kernels.triton_attention as ta
 from locore_kernels import (
-    attention_with_layout, build_layout, longformer_attention, longformer_attention_reference,
+    attention_rows, attention_with_layout, build_layout, longformer_attention, longformer_attention_reference,
 )
 
 HAS_CUDA = torch.cuda.is_available()
@@ -235,7 +235,9 @@ def test_unsupported_head_dim_is_a_value_error():
                              backend="triton")
     layout = build_layout(masks, masks, 2)
     with pytest.raises(ValueError, match="head dim"):
-        ta.triton_attention(q, q, q, q[:, :0], q, q, layout)
+        attention_with_layout(q, q, q, q[:, :0], q, q, layout, backend="triton")
+    with pytest.raises(ValueError, match="head dim"):
+        attention_rows(q, q, q, torch.arange(4, device=DEVICE), layout, backend="triton")
 
 
 @pytest.mark.parametrize("n", [1, 2, 127, 128, 129, 5050, 40400])
