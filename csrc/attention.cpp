@@ -95,7 +95,7 @@ struct Scratch {
 static inline __m256 exp2_ps(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-100.0f);
   __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lo);
+  x = _mm256_max_ps(lo, x);  // operand order: a NaN x is returned as is (NaN in, NaN out)
   __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 f = _mm256_sub_ps(x, n);  // [-0.5, 0.5]
   // Cephes exp2f polynomial: 2^f = 1 + f * P(f)

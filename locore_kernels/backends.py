@@ -15,7 +15,6 @@ own modules check only what they need not to crash.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 from typing import Optional
 
@@ -174,15 +173,20 @@ def backend_table() -> list[dict[str, str]]:
              "runs": b.runs} for b in (REGISTRY[n] for n in PRIORITY)]
 
 
-@functools.lru_cache(maxsize=None)
+_AVAILABLE: dict[str, bool] = {}   # probed once per process (a plain dict: torch.compile traces it as is)
+
+
 def _module_exists(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+    if name not in _AVAILABLE:
+        _AVAILABLE[name] = importlib.util.find_spec(name) is not None
+    return _AVAILABLE[name]
 
 
-@functools.lru_cache(maxsize=None)
 def _cpu_extension_built() -> bool:
-    try:
-        from . import _cpu  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if "_cpu" not in _AVAILABLE:
+        try:
+            from . import _cpu  # noqa: F401
+            _AVAILABLE["_cpu"] = True
+        except ImportError:
+            _AVAILABLE["_cpu"] = False
+    return _AVAILABLE["_cpu"]

@@ -258,3 +258,51 @@ def test_property_random_layouts(B, N, H, D, w, p_global, p_pad, seed):
     x = make_qkv(B, N, H, D, seed=seed)
     glob, pad = make_masks(B, N, p_global, p_pad, seed=seed)
     check_against_reference(x, glob, pad, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite inputs propagate alike (issue 13.2), half precision runs the C++ kernel (issue 13.6)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["q", "k", "q_global", "k_global"])
+def test_nan_rows_agree_with_the_reference(where):
+    """A NaN in q / k (local or global) makes NaN exactly the rows that read it, in both backends."""
+    B, N, H, D, w = 1, 120, 2, 16, 5
+    x = [t.float() for t in make_qkv(B, N, H, D, seed=9)]
+    glob, pad = make_masks(B, N, 0.08, 0.15, seed=9)
+    valid_local = (~glob[0] & ~pad[0]).nonzero()[:, 0]
+    valid_global = glob[0].nonzero()[:, 0]
+    i = int(valid_local[len(valid_local) // 2]) if where in ("q", "k") else int(valid_global[0])
+    t = {"q": 0, "k": 1, "q_global": 3, "k_global": 4}[where]
+    x[t][0, i, 1, 3] = float("nan")
+    ref = longformer_attention(*x, is_global=glob, key_padding=pad, one_sided_window=w, backend="reference")
+    out = longformer_attention(*x, is_global=glob, key_padding=pad, one_sided_window=w, backend="cpu")
+    nan_ref, nan_out = torch.isnan(ref), torch.isnan(out)
+    assert nan_ref.any(), "the NaN must reach some row"
+    assert torch.equal(nan_ref, nan_out), "the backends disagree on which outputs are NaN"
+    torch.testing.assert_close(out[~nan_out], ref[~nan_ref], atol=ATOL, rtol=RTOL)
+    if where == "q":  # that row only, that head only
+        assert nan_out[0, :, 1].any(-1).nonzero()[:, 0].tolist() == [i] and not nan_out[0, :, 0].any()
+    if where == "k":  # the rows of the band around i (i is a band key), head 1 only
+        rows = nan_out[0, :, 1].any(-1).nonzero()[:, 0]
+        assert rows.min() >= i - w and rows.max() <= i + w and not nan_out[0, :, 0].any()
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+def test_half_precision_runs_the_cpu_kernel(dtype, atol, monkeypatch):
+    """fp16 / bf16 on CPU: the default dispatch picks the C++ kernel (fp32 inside, the dtype outside), never
+    the dense O(N^2) reference."""
+    import locore_kernels.backends as backends
+
+    def dense_forbidden(*args, **kwargs):
+        raise AssertionError("the dense reference ran")
+
+    monkeypatch.setattr(backends.ReferenceBackend, "attention", dense_forbidden)
+    B, N, H, D, w = 1, 150, 2, 32, 7
+    x64 = make_qkv(B, N, H, D, seed=4)
+    glob, pad = make_masks(B, N, 0.1, 0.2, seed=4)
+    x = [t.to(dtype) for t in x64]
+    layout = build_layout(glob, pad, w)
+    out = locore_kernels.attention_with_layout(x[0], x[1], x[2], layout.gather_global(x[3]), x[4], x[5], layout)
+    assert out.dtype == dtype and torch.all(out[pad] == 0)
+    ref = longformer_attention_reference(*(t.double() for t in x), glob, pad, w)  # on the rounded inputs
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=atol)

@@ -325,3 +325,42 @@ def test_all_padded_gives_zeros_without_nan(backend):
     out = call(x, glob=glob, pad=pad, backend=backend)
     assert not torch.isnan(out).any()
     assert torch.equal(out, torch.zeros_like(out))
+
+
+# ----------------------------------------------------------------------------------------------
+# windows (issue 13.9): huge integer windows cover the sequence everywhere; nonsense is refused
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_huge_integer_window_covers_the_sequence(backend):
+    x = inputs()
+    assert torch.allclose(call(x, w=int(1e30), backend=backend), call(x, w=N, backend="reference"), atol=1e-6)
+
+
+def test_float_window_is_refused():
+    with pytest.raises(ValueError, match=r"one_sided_window must be a positive int, got 1e\+30"):
+        call(inputs(), w=1e30, backend="reference")
+
+
+def test_reference_direct_call_checks_the_window():
+    x = inputs()
+    glob, pad = masks()
+    with pytest.raises(ValueError, match=r"one_sided_window must be >= 1, got -2"):
+        longformer_attention_reference(*x, glob, pad, -2)
+
+
+@pytest.mark.parametrize("w", [-1, 0, 2.5, True])
+def test_hand_built_layout_with_bad_window(w):
+    glob, pad = masks()
+    good = build_layout(glob, pad, 3)
+    fields = {f: getattr(good, f) for f in ("is_global", "key_padding", "band_key", "global_idx", "num_global",
+                                           "max_global")}
+    with pytest.raises(ValueError, match=r"AttentionLayout.one_sided_window must be"):
+        AttentionLayout(**fields, one_sided_window=w)
+    # a layout whose window was changed after construction is caught at the op's boundary
+    bad = build_layout(glob, pad, 3)
+    object.__setattr__(bad, "one_sided_window", w)
+    x = inputs()
+    with pytest.raises(ValueError, match=r"layout.one_sided_window must be"):
+        attention_with_layout(x[0], x[1], x[2], good.gather_global(x[3]), x[4], x[5], bad, backend="reference")
+    with pytest.raises(ValueError, match=r"layout.one_sided_window must be"):
+        attention_rows(x[0], x[1], x[2], torch.arange(N), bad, backend="cpu")
