@@ -12,6 +12,12 @@
 //    split into a fixed (shape-derived) number of ranges whose partial softmax states are combined
 //    in split order afterwards.
 //
+// The driver runs in named steps that mirror the Triton file's kernels: validate_layout, plan_attention,
+// local_task (Triton kernel 1), global_task (kernel 2), combine_global_splits (kernel 3), all inside one
+// OpenMP region (run_tasks). The rows entry (longformer_rows_fp32, the model's pruned last layer; Triton
+// _row_list_kernel) reuses validate_layout and the local rule attend_local_rows on blocks of BQ listed
+// rows sorted by position.
+//
 // Per task the scores live in a KC x BQ tile stored key-major (S[t * BQ + r]): the QK^T micro-kernel
 // broadcasts one element of each of 3 keys against the block's 32 query rows (4 vectors; queries
 // packed transposed, D x BQ, pre-scaled by log2(e)/sqrt(D) so the softmax uses exp2), the softmax

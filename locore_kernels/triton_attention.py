@@ -1,4 +1,4 @@
-"""Longformer sliding-window + global-token attention in Triton (two fused kernels + a combine).
+"""Longformer sliding-window + global-token attention in Triton (two fused kernels + a combine; a rows kernel).
 
 Math (SPEC section 3), per batch item b and head h, with scale s = 1/sqrt(D):
 
@@ -30,6 +30,9 @@ Tiling:
    writes its partial (m, l, acc) to fp32 scratch.
 3. ``_global_rows_combine_kernel``, grid (cdiv(G, BLOCK_G), B*H): merges the splits in a fixed order
    (no atomics: bit-identical run to run) and scatters the rows to ``out`` at ``global_idx``.
+
+4. ``_row_list_kernel``, grid (cdiv(R, BLOCK_M), B*H): kernel 1's rule for a list of R rows (the rows op,
+   the model's pruned last layer), sorted by position on the host; every band tile applies |i - j| <= w.
 
 Kernel 1 never stores a global row and kernel 3 stores only global rows, so launch order does not
 matter. Dots on fp32 inputs use ``input_precision="ieee"`` (no TF32): the model's fp32 "exact" mode
