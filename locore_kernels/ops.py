@@ -149,7 +149,8 @@ def attention_rows(
         raise ValueError(f"layout is for N={layout.seq_len} tokens but k has N={k.shape[1]}")
     _check_layout(k, layout)
     N = layout.seq_len
-    if rows.numel() and not torch.compiler.is_compiling():  # a data-dependent check: eager only
+    capturing = rows.is_cuda and torch.cuda.is_current_stream_capturing()
+    if rows.numel() and not torch.compiler.is_compiling() and not capturing:  # data-dependent: eager only
         lo, hi = int(rows.min()), int(rows.max())
         if lo < 0 or hi >= N:
             raise ValueError(f"rows must lie in [0, N={N}), got values in [{lo}, {hi}]")
