@@ -276,7 +276,7 @@ _AOT_SCRIPT = textwrap.dedent("""
                 sig[name] = "*" + dtype
             elif name in ("IsGlobal", "KeyPad", "BandKey"):
                 sig[name] = "*i1"
-            elif name in ("GIdx", "NumGlobal"):
+            elif name in ("GIdx", "NumGlobal", "RowPos", "RowDest"):
                 sig[name] = "*i32"
             elif name in ("MPart", "LPart", "AccPart"):
                 sig[name] = "*fp32"
@@ -297,6 +297,10 @@ _AOT_SCRIPT = textwrap.dedent("""
             for i, cfg in enumerate(configs):
                 consts = dict(cfg.kwargs, HEAD_DIM=64, UPCAST=False)
                 out[f"{kind}-{dtype}-{i}"] = compile_one(fn, dtype, consts, cfg.num_warps, cfg.num_stages)
+    # the rows op's kernel in its two fixed configs
+    for dtype, cfg in (("bf16", ta.ROWS_CONFIG_16BIT), ("fp32", ta.ROWS_CONFIG_FP32)):
+        consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=64, UPCAST=False)
+        out[f"rows-{dtype}-0"] = compile_one(ta._row_list_kernel, dtype, consts, cfg["num_warps"], cfg["num_stages"])
     out["combine-bf16"] = compile_one(ta._global_rows_combine_kernel, "bf16", {"HEAD_DIM": 64, "BLOCK_G": ta.COMBINE_BLOCK_G}, 4, 1)
 
     # the fused epilogues
@@ -332,7 +336,8 @@ def test_kernels_compile_for_h100_with_tensor_cores_only_below_fp32():
             assert r["tensor_core"], name
         if "-fp32-" in name:
             assert not r["tensor_core"], f"{name}: fp32 dots must not use TF32 tensor cores"
-    assert {"local-bf16-0", "local-fp32-1", "global-bf16-3", "global-fp32-0", "epilogues-bf16",
+    assert {"local-bf16-0", "local-fp32-1", "global-bf16-3", "global-fp32-0", "rows-bf16-0", "rows-fp32-0",
+            "epilogues-bf16",
             "epilogues-fp32"} <= set(result)
 
 
