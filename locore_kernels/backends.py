@@ -54,11 +54,14 @@ class AttentionBackend:
         if device.type not in devices:
             reasons.append(self.device_reason(device, devices))
         if dtype not in self.dtypes:
-            names = "/".join(str(d).replace("torch.", "") for d in self.dtypes)
-            reasons.append(f"backend={self.name!r} supports {names}, got {dtype}")
+            reasons.append(self.dtype_reason(dtype))
         if head_dim is not None and self.head_dims is not None and head_dim not in self.head_dims:
             reasons.append(f"backend={self.name!r} supports head dim D in {self.head_dims}, got D={head_dim}")
         return reasons + self.unavailable()
+
+    def dtype_reason(self, dtype: torch.dtype) -> str:
+        names = "/".join(str(d).replace("torch.", "") for d in self.dtypes)
+        return f"backend={self.name!r} supports {names}, got {dtype}"
 
     def device_reason(self, device: torch.device, devices: tuple[str, ...]) -> str:
         return f"backend={self.name!r} needs {'/'.join(d.upper() for d in devices)} tensors, got device {device}"
@@ -107,6 +110,9 @@ class CpuBackend(AttentionBackend):
     head_dims = None
     runs = ("C++/OpenMP kernel (csrc/attention.cpp), fp32 arithmetic; float16/bfloat16 inputs are converted "
             "to fp32 and the result back to the input dtype")
+
+    def dtype_reason(self, dtype: torch.dtype) -> str:
+        return f"backend='cpu' computes in float32 (inputs float32/float16/bfloat16), got {dtype}"
 
     def unavailable(self) -> list[str]:
         return [] if _cpu_extension_built() else [

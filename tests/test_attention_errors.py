@@ -167,7 +167,8 @@ def test_triton_needs_cuda_or_interpreter(monkeypatch):
 
 
 def test_cpu_backend_refuses_float64():
-    with pytest.raises(ValueError, match=r"backend='cpu' supports float16/bfloat16/float32, got torch.float64"):
+    with pytest.raises(ValueError,
+                       match=r"backend='cpu' computes in float32 \(inputs float32/float16/bfloat16\), got torch.float64"):
         call(inputs(dtype=torch.float64), backend="cpu")
 
 
