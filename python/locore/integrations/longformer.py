@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from locore_kernels import BACKENDS, attention_with_layout, build_layout
+from locore_kernels import BACKENDS, attention_with_layout, build_layout, resolve_backend
 
 __all__ = ["patch_longformer", "unpatch_longformer", "patched_modules"]
 
@@ -34,12 +34,15 @@ _STATE = "_locore_patch"  # instance attribute holding the patch (absent when un
 
 # Fast kernels per (device type, dtype) when backend=None; anything else runs the library path
 # (our only other backend for it is the dense O(N^2) reference, slower than the library).
-_AUTO_BACKEND = {
-    ("cpu", torch.float32): "cpu",
-    ("cuda", torch.float32): "triton",
-    ("cuda", torch.float16): "triton",
-    ("cuda", torch.bfloat16): "triton",
-}
+def _auto_backend(hidden_states: Tensor, head_dim: int) -> Optional[str]:
+    """The kernel dispatch would pick for these inputs (the one registry decides), or None where only the
+    dense O(N^2) reference fits: slower than the library, so the library path is kept."""
+    try:
+        name = resolve_backend(None, hidden_states.device, hidden_states.dtype, head_dim)
+    except ValueError:
+        return None
+    return None if name == "reference" else name
+
 
 _warned: set[str] = set()  # fallback reasons already warned about (one warning per reason per process)
 
@@ -136,7 +139,7 @@ def _fallback_reason(module: nn.Module, hidden_states: Tensor, args: dict[str, A
                                     or any(p.requires_grad for p in module.parameters())):
         return ("autograd is recording (the kernels are inference-only); run under torch.inference_mode() "
                 "or torch.no_grad()")
-    if backend is None and (hidden_states.device.type, hidden_states.dtype) not in _AUTO_BACKEND:
+    if backend is None and _auto_backend(hidden_states, module.head_dim) is None:
         return (f"no fast kernel for {hidden_states.dtype} on {hidden_states.device.type} "
                 f"(pass backend='reference' to force the dense reference)")
     return None
@@ -161,7 +164,7 @@ def _fast_forward(self: nn.Module, hidden_states: Tensor, *args: Any, **kwargs: 
     if tuple(key_padding.shape) != (B, N):
         raise ValueError(f"{_CLASS_NAME}: attention mask has shape {tuple(key_padding.shape)}, "
                          f"hidden_states are [B={B}, N={N}, ...]")
-    backend = state.backend or _AUTO_BACKEND[(hidden_states.device.type, hidden_states.dtype)]
+    backend = state.backend or _auto_backend(hidden_states, self.head_dim)
     H, D = self.num_heads, self.head_dim
 
     def heads(x: Tensor) -> Tensor:  # [B, n, E] -> [B, n, H, D]
