@@ -33,7 +33,7 @@ $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel pybind11 2>&1 | grep -v "^WARNING: Location" || true
 	$(PIP) install "$(TORCH_SPEC)" "$(TRITON_SPEC)" 2>&1 | grep -v "^WARNING: Location" || true
-	$(PIP) install numpy safetensors h5py tqdm matplotlib psutil \
+	$(PIP) install numpy safetensors h5py tqdm matplotlib psutil faiss-cpu \
 	    pytest pytest-benchmark hypothesis transformers 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -c "import torch, triton, transformers, pybind11, h5py, safetensors"
 	touch $(STAMP)

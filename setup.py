@@ -58,6 +58,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "transformers>=4.40", "psutil>=5.9"],
         "bench": ["matplotlib>=3.7", "psutil>=5.9", "transformers>=4.40"],
+        # first stage (`locore search`): exact flat search needs only torch; ivf / hnsw need FAISS
+        "search": ["faiss-cpu>=1.7.4"],
     },
     entry_points={"console_scripts": ["locore=locore.cli:main"]},
     zip_safe=False,

@@ -106,7 +106,8 @@ class GlobalFeatures:
             raise DataError(f"{self.path}: {count} float32 values ({nbytes} bytes) is not a multiple of "
                             f"dim={dim}; expected [num_images, {dim}] row-major")
         self.dim, self.num_images = dim, count // dim
-        self.array = np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.num_images, dim))
+        self.array = (np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.num_images, dim)) if count
+                      else np.zeros((0, dim), np.float32))  # mmap refuses an empty file
 
     def _open_torch(self, is_zip: bool) -> None:
         import torch
