@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
 import harness  # noqa: E402
 from locore.data.global_desc import GlobalFeatures  # noqa: E402
-from locore.search import SearchSettings, exact_search, recall_at, run_search  # noqa: E402
+from locore.search import SearchSettings, _ordered, exact_search, recall_at, run_search  # noqa: E402
 
 
 def make_database(path: Path, n: int, d: int, clusters: int = 1000, seed: int = 0, chunk: int = 65536) -> None:
@@ -118,7 +118,7 @@ def measure(fn: Callable[[], Tuple[np.ndarray, np.ndarray]], runs: int) -> Tuple
     peak.start()
     peak_mb = peak.measure(fn)
     return {"median_s": statistics.median(times), "times_s": times, "peak_mb": peak_mb,
-            "peak_method": peak.method}, out[1]
+            "peak_method": peak.method}, (np.asarray(out[0]), np.asarray(out[1]))
 
 
 def parse_sizes(text: str) -> List[Tuple[int, int]]:
@@ -186,17 +186,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name in args.impls.split(","):
             if name == "faiss-flat" and env["faiss"] is None:
                 continue
-            stats, ids = measure(impls[name], args.runs)
+            stats, (sims, ids) = measure(impls[name], args.runs)
             gc.collect()
             if name == "locore-flat":
                 ref_ids = ids
-            same = None if ref_ids is None else bool(np.array_equal(np.asarray(ids), ref_ids))
+            # other orders of exactly tied similarities aside: re-sort by (similarity desc, id asc) first
+            same = overlap = None
+            if ref_ids is not None:
+                _, resorted = _ordered(torch.from_numpy(sims.astype(np.float32)), torch.from_numpy(ids.astype(np.int64)), k)
+                same, overlap = bool(np.array_equal(resorted.numpy(), ref_ids)), recall_at(ids, ref_ids)
             row = {"bench": "search", "impl": name, "index": "flat", "queries": args.queries, "db": n, "dim": d,
                    "topk": k, "file_gb": n * d * 4 / 1e9, **stats, "queries_per_s": args.queries / stats["median_s"],
-                   "same_ids": same, "commit": env["commit"]}
+                   "same_ids": same, "overlap": overlap, "commit": env["commit"]}
             rows.append(row)
             print(f"{name:14s} {n:>8d} x {d:<4d} median {stats['median_s']:.2f} s  peak RSS "
-                  f"{stats['peak_mb']:.0f} MB  same ids as locore-flat: {same}")
+                  f"{stats['peak_mb']:.0f} MB  same ids as locore-flat: {same} (overlap {overlap})")
 
     if args.approx_sizes != "none" and env["faiss"] is not None:
         for item in args.approx_sizes.split(","):
@@ -239,9 +243,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         r["time_vs_torch_blocked"] = None if base is None else r["median_s"] / base["median_s"]
     print("\nexact flat search, {} queries, top {}:".format(args.queries, k))
     print(harness.format_table(flat, ["impl", "db", "dim", "file_gb", "median_s", "queries_per_s", "peak_mb",
-                                      "time_vs_torch_blocked", "same_ids"],
+                                      "time_vs_torch_blocked", "same_ids", "overlap"],
                                ["impl", "images", "dim", "file GB", "median s", "queries/s", "peak RSS MB",
-                                "time / torch-blocked", "same ids"]))
+                                "time / torch-blocked", "same ids", "overlap"]))
     approx = [r for r in rows if r["index"] != "flat"]
     if approx:
         print("\napproximate indexes (FAISS):")
@@ -255,9 +259,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.no_write:
         out = harness.RESULTS_DIR / f"cpu-{env['device_slug']}-search.json"
         out.parent.mkdir(parents=True, exist_ok=True)
+        old = json.loads(out.read_text()).get("rows", []) if out.exists() else []
+        key = lambda r: (r["impl"], r["db"], r["dim"], r["topk"], r["queries"])  # noqa: E731
+        fresh = {key(r) for r in rows}  # a rerun replaces the rows it measures again, keeps the others
         tmp = out.with_suffix(".json.tmp")
         with open(tmp, "w") as f:
-            json.dump({**env, "rows": rows}, f, indent=1)
+            json.dump({**env, "rows": [r for r in old if key(r) not in fresh] + rows}, f, indent=1)
             f.write("\n")
         os.replace(tmp, out)
         print(f"\nwrote {out}")

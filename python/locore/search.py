@@ -26,7 +26,7 @@ import pickle
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -107,17 +107,20 @@ def _ordered(vals: torch.Tensor, ids: torch.Tensor, k: int) -> Tuple[torch.Tenso
 
 
 def _block_topk(sims: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Top ``k`` columns of each row of ``sims`` under the tie rule (smaller column wins), unordered.
+    """Top ``k`` columns of each row of ``sims`` under the tie rule (smaller column wins), in any order.
 
-    ``torch.topk`` picks arbitrary columns among values tied with the k-th; such rows (rare outside
-    constructed data) are redone by hand: every column above the k-th value, then the tied ones in order.
+    One ``torch.topk`` of k + 1: where the k-th value is strictly above the (k+1)-th, the first k are the
+    only possible answer. Elsewhere ``topk`` may have picked any of the columns tied with the k-th value;
+    such rows (rare outside constructed data) are redone by hand: every column above the k-th value,
+    then the tied ones in column order.
     """
-    k = min(k, sims.shape[1])
-    vals, cols = torch.topk(sims, k, dim=1, sorted=False)
-    kth = vals.min(dim=1, keepdim=True).values
-    ambiguous = ((sims >= kth).sum(1) > k).nonzero().flatten().tolist()
+    if sims.shape[1] <= k:  # the whole block
+        return sims, torch.arange(sims.shape[1], device=sims.device).expand_as(sims)
+    vals, cols = torch.topk(sims, k + 1, dim=1)  # sorted, descending
+    ambiguous = (vals[:, k - 1] == vals[:, k]).nonzero().flatten().tolist()
+    vals, cols = vals[:, :k].clone(), cols[:, :k].clone()
     for r in ambiguous:
-        row, t = sims[r], kth[r, 0]
+        row, t = sims[r], vals[r, k - 1]
         above = (row > t).nonzero().flatten()
         tied = (row == t).nonzero().flatten()[: k - above.numel()]
         cols[r] = torch.cat([above, tied])
@@ -165,21 +168,33 @@ def exact_search(queries: np.ndarray, db: GlobalDescriptors,
     dev = _device(settings.device)
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(dev)
     Q = q.shape[0]
-    best_v = torch.full((Q, 0), float("-inf"), device=dev)
-    best_i = torch.zeros((Q, 0), dtype=torch.int64, device=dev)
+    # one extra row of ones: the matmul then also yields each database row's sum, which is finite exactly
+    # when the row is (barring float32 overflow); the bad-value check costs one query instead of a pass
+    q = torch.cat([q, torch.ones((1, q.shape[1]), device=dev)])
+    # candidates of the blocks seen so far, merged into the running top M only every few blocks: the
+    # merge sorts, and a few thousand columns more per query cost nothing
+    cand_v: List[torch.Tensor] = [torch.full((Q, 0), float("-inf"), device=dev)]
+    cand_i: List[torch.Tensor] = [torch.zeros((Q, 0), dtype=torch.int64, device=dev)]
+    merge_every = max(1, (64 << 20) // (12 * Q * topk))  # pending candidates stay under ~64 MiB
     rows = _block_rows(db.dim, settings)
     bar = tqdm(total=len(db), unit="img", unit_scale=True, desc="search", disable=not progress, file=sys.stderr)
     for start, block in db.iter_blocks(rows):
         b = torch.from_numpy(block).to(dev)  # on CPU a view of the reader's buffer, used before the next read
-        finite = torch.isfinite(b).all(dim=1)
+        sims = q @ b.T
+        finite = torch.isfinite(sims[Q])
         if not bool(finite.all()):
             bad = start + int((~finite).nonzero()[0, 0])
-            raise SearchError(f"{db.path}: database image {bad} has a NaN or infinite value")
-        sims = q @ b.T
-        vals, cols = _block_topk(sims, topk)
-        best_v, best_i = _ordered(torch.cat([best_v, vals], 1), torch.cat([best_i, cols + start], 1), topk)
+            raise SearchError(f"{db.path}: database image {bad} has a NaN or infinite value (or values too "
+                              "large for float32)")
+        vals, cols = _block_topk(sims[:Q], topk)
+        cand_v.append(vals)
+        cand_i.append(cols + start)
+        if len(cand_v) > merge_every:
+            merged_v, merged_i = _ordered(torch.cat(cand_v, 1), torch.cat(cand_i, 1), topk)
+            cand_v, cand_i = [merged_v], [merged_i]
         bar.update(block.shape[0])
     bar.close()
+    best_v, best_i = _ordered(torch.cat(cand_v, 1), torch.cat(cand_i, 1), topk)
     if torch.isnan(best_v).any():  # finite inputs can still overflow to inf - inf
         raise SearchError(f"{db.path}: inner products overflowed float32 (descriptor values too large)")
     return best_v.cpu().numpy(), best_i.cpu().numpy()
