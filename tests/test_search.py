@@ -300,3 +300,28 @@ def test_memory_stays_bounded_on_a_large_memmapped_db(tmp_path):
     assert out.returncode == 0, out.stderr
     growth_mb = float(out.stdout.strip().splitlines()[-1])
     assert growth_mb < 48, f"peak RSS grew by {growth_mb:.1f} MiB searching a 128 MiB file with 4 MiB blocks"
+
+
+def test_cli_search(tmp_path, capsys):
+    from locore import cli
+
+    rng = np.random.default_rng(4)
+    q, g = rng.standard_normal((3, 8)).astype(np.float32), rng.standard_normal((40, 8)).astype(np.float32)
+    _folder(tmp_path, q, g, distractors=rng.standard_normal((20, 8)).astype(np.float32))
+    argv = ["search", "--data", str(tmp_path), "--desc", "x", "--topk", "10", "--dim", "8",
+            "--distractors", str(tmp_path / "1m"), "--no-progress"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "flat search: 3 queries x 60 images (dim 8), top 10" in out and "queries/s" in out
+    _, ri = _reference(q, np.concatenate([g, read_global_rows(tmp_path / "1m" / "x_global.pt", 8)]), 10)
+    np.testing.assert_array_equal(read_neighbours(str(tmp_path / "nn_x.pkl")).ids, ri)
+    assert cli.main(argv) == 2  # refuses to overwrite: one line, no traceback
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("locore search: error: ") and "nn_x.pkl exists; pass --overwrite" in err
+    assert "\n" not in err
+    assert cli.main(argv + ["--overwrite", "--topk", "61"]) == 2
+    assert "topk=61 is larger than the database (60 images" in capsys.readouterr().err
+
+
+def read_global_rows(path, dim):
+    return np.fromfile(path, np.float32).reshape(-1, dim)

@@ -1,4 +1,4 @@
-"""Command-line interface: ``locore rerank | eval | bench | demo``.
+"""Command-line interface: ``locore rerank | search | eval | bench | demo``.
 
 ``locore rerank`` re-ranks first-stage neighbour lists of a dataset in the AMES layout with a LoCoRE
 model and evaluates them; ``locore eval`` evaluates a ranks file; ``locore bench`` runs the
@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="locore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="LOCORE_DEBUG=1 shows tracebacks for input errors.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{rerank,eval,bench,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{rerank,search,eval,bench,demo}")
 
     p = sub.add_parser("rerank", help="re-rank first-stage lists of an AMES-layout dataset and evaluate them",
                        description="Re-rank the first-stage neighbour lists of a dataset with LoCoRE, write the "
@@ -325,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Recall@k cut-offs (default 1,10; SOP 1,10; CUB 1,2,4,8; In-Shop 1,10,20,30)")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     p.set_defaults(func=_cmd_eval)
+
+    from .search import add_search_args, cmd_search  # torch-only; FAISS imported only for ivf / hnsw
+
+    p = sub.add_parser("search", help="first stage: top-M inner-product search over the global descriptors",
+                       description="Search the gallery (and --distractors) global descriptors with the query "
+                                   "ones and write the first-stage lists [2, Q, M] (similarities, ids) that "
+                                   "locore rerank reads. flat is exact (ties to the smaller id).")
+    add_search_args(p)
+    p.set_defaults(func=cmd_search)
 
     sub.add_parser("bench", add_help=False,
                    help="run the checkout's benchmarks: locore bench [model|attention] ARGS (see benchmarks/README.md)")

@@ -481,6 +481,45 @@ def search_folder(data_dir: str, desc: str, settings: SearchSettings = SearchSet
     return run_search(query, db, settings, out=out, log=log)
 
 
+# ------------------------------------------------------------------------------------------------
+# Command line: `locore search` (the parser lives here so that the CLI module only mounts it)
+# ------------------------------------------------------------------------------------------------
+
+def add_search_args(p) -> None:
+    """The flags of ``locore search`` on the argparse parser ``p``."""
+    p.add_argument("--data", required=True, metavar="DIR", help="dataset folder (AMES layout)")
+    p.add_argument("--desc", required=True, metavar="NAME",
+                   help="descriptor name: reads DIR/NAME_query_global.pt and DIR/NAME_gallery_global.pt")
+    p.add_argument("--topk", type=int, default=1600, metavar="M", help="neighbours kept per query (default 1600)")
+    p.add_argument("--out", metavar="FILE", help="output [2, Q, M] pickle (default DIR/nn_NAME.pkl)")
+    p.add_argument("--distractors", metavar="DIR1M",
+                   help="append DIR1M/NAME_global.pt after the gallery (ids n .. n+len-1)")
+    p.add_argument("--index", choices=INDEX_KINDS, default="flat",
+                   help="flat: exact (default); ivf / hnsw: FAISS approximate, index saved beside --out")
+    p.add_argument("--dim", type=int, metavar="D",
+                   help="descriptor dim, needed only when every file is raw float32 and there is no "
+                        "NAME_query_local.hdf5 to count the queries")
+    p.add_argument("--nlist", type=int, help="ivf: inverted lists (default sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=64, help="ivf: lists visited per query (default 64)")
+    p.add_argument("--hnsw-m", type=int, default=32, help="hnsw: graph degree (default 32)")
+    p.add_argument("--ef-search", type=int, help="hnsw: search beam (default 2 * topk)")
+    p.add_argument("--no-recall", action="store_true", help="ivf / hnsw: skip the exact search behind recall@M")
+    p.add_argument("--block-mb", type=int, default=128, help="database block read at a time, MiB (default 128)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and a mismatched index)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_search(args) -> int:
+    """Run ``locore search`` from parsed arguments; errors are :class:`SearchError` (one line)."""
+    settings = SearchSettings(topk=args.topk, index=args.index, block_mb=args.block_mb, device=args.device,
+                              nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m, ef_search=args.ef_search,
+                              check_recall=not args.no_recall, overwrite=args.overwrite,
+                              progress=not args.no_progress)
+    search_folder(args.data, args.desc, settings, out=args.out, distractors=args.distractors, dim=args.dim)
+    return 0
+
+
 __all__ = ["SearchError", "SearchSettings", "SearchResult", "run_search", "search_folder", "open_search_files",
            "exact_search", "brute_force_search", "recall_at", "write_nn", "nn_tensor", "index_path_for",
-           "import_faiss", "INDEX_KINDS"]
+           "import_faiss", "INDEX_KINDS", "add_search_args", "cmd_search"]
