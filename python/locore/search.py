@@ -177,6 +177,8 @@ def exact_search(queries: np.ndarray, db: GlobalDescriptors,
     cand_i: List[torch.Tensor] = [torch.zeros((Q, 0), dtype=torch.int64, device=dev)]
     merge_every = max(1, (64 << 20) // (12 * Q * topk))  # pending candidates stay under ~64 MiB
     rows = _block_rows(db.dim, settings)
+    if settings.block_rows is None:  # the [Q, rows] similarity block obeys the same bound (many queries)
+        rows = min(rows, max(1024, (settings.block_mb << 20) // (4 * (Q + 1))))
     bar = tqdm(total=len(db), unit="img", unit_scale=True, desc="search", disable=not progress, file=sys.stderr)
     for start, block in db.iter_blocks(rows):
         b = torch.from_numpy(block).to(dev)  # on CPU a view of the reader's buffer, used before the next read
