@@ -132,8 +132,9 @@ def test_refuses_to_overwrite_and_writes_all_or_nothing(tmp_path, monkeypatch):
 
 
 def test_rerank_reads_the_search_output(tmp_path, capsys):
-    """The demo folder's nn file is an exact first stage: the search rebuilds the same lists, and the
-    re-ranker reads them (its ranks: the top 10 re-ordered, the rest the first stage)."""
+    """The demo folder's nn file is an exact first stage: the search rebuilds the same lists, the
+    re-ranker reads them (its ranks: the top 10 re-ordered, the rest the first stage), and
+    ``rerank --first-stage faiss`` makes the same file itself when it is missing."""
     from locore import cli
     from locore.data import read_gnd
     from locore.demo import generate_problem
@@ -159,6 +160,12 @@ def test_rerank_reads_the_search_output(tmp_path, capsys):
     for q in range(3):  # the shortlist re-ordered, the rest as the (protocol-filtered) first stage
         assert sorted(ranks[q, :10]) == sorted(first[q, :10])
         np.testing.assert_array_equal(ranks[q, 10:], first[q, 10:])
+    # one command from descriptors: without an nn file, --first-stage faiss builds it, then re-ranks
+    os.remove(data / "nn_demo.pkl")
+    assert cli.main([*common, "--first-stage", "faiss", "--out", str(tmp_path / "f" / "r.npy")]) == 0
+    assert "flat search: 3 queries x 50 images" in capsys.readouterr().out
+    np.testing.assert_array_equal(read_neighbours(str(data / "nn_demo.pkl")).ids, given.ids)
+    np.testing.assert_array_equal(np.load(tmp_path / "f" / "r.npy"), ranks)
 
 
 def _clustered(n, d, clusters, seed):

@@ -101,7 +101,8 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
     shards = args.gallery_shards
     data = DataSettings(args.data, args.desc, nn=args.nn, gnd=args.gnd, descriptors=args.descriptors,
                         use_global=not args.no_global, distractors=args.distractors,
-                        gallery_shards=None if shards is None else shards[0] if len(shards) == 1 else tuple(shards))
+                        gallery_shards=None if shards is None else shards[0] if len(shards) == 1 else tuple(shards),
+                        first_stage=args.first_stage, first_stage_topk=args.first_stage_topk)
     pipeline.rerank(model_settings(args), data, rerank_options(args), args.out)
     return 0
 
@@ -242,6 +243,11 @@ def add_rerank_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                             "(e.g. 'DIR/dinov2_gallery_local_xa?.hdf5') or the files (default: DIR/{desc}_gallery_local"
                             ".hdf5, else its _xaa, _xab, ... shards)")
         g.add_argument("--max-queries", type=_count("--max-queries"), metavar="N", help="re-rank only the first N queries (quick looks)")
+        g.add_argument("--first-stage", choices=("faiss", "flat", "ivf", "hnsw"), metavar="{faiss,ivf,hnsw}",
+                       help="without the nn file, build it first with locore search: faiss (= flat) exact "
+                            "inner product, or the ivf / hnsw approximate index; an existing file is used as is")
+        g.add_argument("--first-stage-topk", type=_count("--first-stage-topk"), default=1600, metavar="M",
+                       help="neighbours kept by --first-stage (default 1600, at most the database size)")
     g = p.add_argument_group("re-ranking")
     g.add_argument("--descriptors", type=int, default=48, metavar="S",
                    help="local descriptors (leading slots) per image (default 48, the released model)")

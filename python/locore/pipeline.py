@@ -81,6 +81,8 @@ class DataSettings:
     use_global: bool = True             # feed the global descriptors (a global token per image)
     distractors: Optional[str] = None   # folder with {desc}_local.hdf5 + {desc}_global.pt (+1M), after the gallery
     gallery_shards: Optional[Union[str, Tuple[str, ...]]] = None  # gallery local files in id order (glob or list)
+    first_stage: Optional[str] = None   # no nn file: build it first (locore.search): faiss|flat, ivf, hnsw
+    first_stage_topk: int = 1600        # neighbours it keeps (at most the database size)
 
     def __post_init__(self) -> None:
         check_count("descriptors per image", self.descriptors)
@@ -454,12 +456,30 @@ def atomic_write_all(writers: List[Tuple[str, Callable[[Any], None]]]) -> None:
         raise
 
 
+def build_first_stage(data: DataSettings, progress: bool = True, log: Log = print) -> str:
+    """The nn file of ``data``, made with :func:`locore.search.run_search` when it does not exist yet
+    (an existing one is used as is, never replaced). Returns its path."""
+    from .search import SearchSettings, open_search_files, run_search
+
+    nn_path = data.nn or os.path.join(data.data, f"nn_{data.desc}.pkl")
+    if os.path.exists(nn_path):
+        log(f"first stage: using the existing {nn_path}")
+        return nn_path
+    query, db = open_search_files(data.data, data.desc)
+    index = "flat" if data.first_stage in ("faiss", "flat") else data.first_stage
+    settings = SearchSettings(topk=min(data.first_stage_topk, len(db)), index=index, progress=progress)
+    run_search(query, db, settings, out=nn_path, log=log)
+    return nn_path
+
+
 def rerank(model: ModelSettings, data: DataSettings, options: RerankOptions, out: str, *, log: Log = print,
            loaded_model=None) -> RerankReport:
     """The whole job: check the outputs, open and cross-check the data, load the model, re-rank every run,
     evaluate, then write every output at once. ``loaded_model`` skips loading (the demo passes its own)."""
     ranks_paths, json_path = output_paths(out, ["first"])
     check_output([out, *ranks_paths.values(), json_path])
+    if data.first_stage is not None:
+        build_first_stage(data, progress=options.progress, log=log)
     with open_dataset(data, options) as dataset:
         runs = [name for name, _ in protocol_runs(dataset.protocol, options.split)]
         check_output(list(output_paths(out, runs)[0].values()))
