@@ -220,14 +220,15 @@ def test_real_checkpoint_file(folder, tmp_path, capsys):
 def test_every_flag_is_documented():
     parser = cli.build_parser()
     subs = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    assert set(subs.choices) == {"rerank", "eval", "bench", "demo"}
-    for name in ("rerank", "eval", "demo"):
+    assert set(subs.choices) == {"rerank", "search", "eval", "bench", "demo"}
+    for name in ("rerank", "search", "eval", "demo"):
         for action in subs.choices[name]._actions:
             assert action.help, f"locore {name} {action.option_strings} has no help text"
     help_text = subs.choices["rerank"].format_help()
     for flag in ("--checkpoint", "--data", "--desc", "--nn", "--gnd", "--num-attention-heads", "--attention-window",
                  "--descriptors", "--no-global", "--alpha", "--temp", "--mode", "--topk", "--sliding", "--shortlist",
-                 "--window", "--stride", "--protocol", "--split", "--device", "--dtype", "--batch-size", "--out"):
+                 "--window", "--stride", "--protocol", "--split", "--device", "--dtype", "--batch-size", "--out",
+                 "--first-stage", "--first-stage-topk"):
         assert flag in help_text
 
 

@@ -507,7 +507,8 @@ def add_search_args(p) -> None:
     p.add_argument("--ef-search", type=int, help="hnsw: search beam (default 2 * topk)")
     p.add_argument("--no-recall", action="store_true", help="ivf / hnsw: skip the exact search behind recall@M")
     p.add_argument("--block-mb", type=int, default=128, help="database block read at a time, MiB (default 128)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the flat search's matmuls run (default auto: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and a mismatched index)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
