@@ -109,6 +109,57 @@ def test_folder_with_distractors_writes_the_ames_layout(tmp_path, fmt):
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # the temp file was renamed
 
 
+def test_gallery_shards_and_distractor_shards_read_as_one_database(tmp_path):
+    """Gallery globals split as ``split`` names them (_xaa, _xab, ...) and sharded distractors give the
+    lists of one joined database."""
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((4, 8)).astype(np.float32)
+    g, dis = rng.standard_normal((30, 8)).astype(np.float32), rng.standard_normal((25, 8)).astype(np.float32)
+    write_global(tmp_path / "x_query_global.pt", q)
+    for name, part in zip(("xaa", "xab", "xac"), np.split(g, [7, 20])):
+        write_global(tmp_path / f"x_gallery_global_{name}.pt", part)
+    os.makedirs(tmp_path / "1m")
+    for name, part in zip(("xaa", "xab"), np.split(dis, [12])):
+        write_global(tmp_path / "1m" / f"x_global_{name}.pt", part, format="torch")
+    res = search_folder(str(tmp_path), "x", SearchSettings(topk=55, **QUIET), dim=8, distractors=str(tmp_path / "1m"),
+                        log=lambda s: None)
+    nn = read_neighbours(res.out)
+    rv, ri = _reference(q, np.concatenate([g, dis]), 55)
+    np.testing.assert_array_equal(nn.ids, ri)
+    np.testing.assert_allclose(nn.sims, rv, atol=1e-5)
+    os.remove(tmp_path / "x_gallery_global_xab.pt")  # a missing middle shard shifts ids: never silently
+    with pytest.raises(SearchError):
+        search_folder(str(tmp_path), "x", SearchSettings(topk=5, overwrite=True, **QUIET), dim=8, log=lambda s: None)
+
+
+def test_rerank_first_stage_over_gallery_and_distractors(tmp_path, capsys):
+    """``rerank --first-stage faiss --distractors DIR`` searches the combined database (ids past the gallery
+    come from the distractors) and re-ranks over it."""
+    from locore import cli
+    from locore.data import write_local
+    from locore.demo import generate_problem
+
+    data, dis = tmp_path / "data", tmp_path / "r1m"
+    generate_problem(str(data), queries=3, images=50, slots=10, num_descriptors=8, seed=4)
+    os.remove(data / "nn_demo.pkl")
+    rng = np.random.default_rng(0)
+    os.makedirs(dis)
+    write_local(dis / "demo_local.hdf5", rng.standard_normal((20, 10, 768)).astype(np.float32),
+                rng.integers(0, 3, (20, 10)), np.zeros((20, 10), bool))
+    qg = GlobalFeatures(str(data / "demo_query_global.pt"), num_images=3).read(np.arange(3))
+    write_global(dis / "demo_global.pt", qg[rng.integers(0, 3, 20)] + 0.01 * rng.standard_normal((20, 768)))
+    assert cli.main(["rerank", "--checkpoint", "preset:tiny", "--num-layers", "2", "--descriptors", "8",
+                     "--device", "cpu", "--dtype", "float32", "--no-progress", "--data", str(data), "--desc", "demo",
+                     "--distractors", str(dis), "--first-stage", "faiss", "--topk", "10", "--alpha", "0.5",
+                     "--temp", "0.5", "--protocol", "clean", "--out", str(tmp_path / "r.npy")]) == 0
+    assert "70 database images" in capsys.readouterr().out
+    nn = read_neighbours(str(data / "nn_demo.pkl"))
+    assert nn.topk == 70 and (nn.ids[:, :10] >= 50).any()  # near-duplicate distractors lead the lists
+    ref = search_folder(str(data), "demo", SearchSettings(topk=70, **QUIET), out=str(tmp_path / "ref.pkl"),
+                        distractors=str(dis), log=lambda s: None)
+    np.testing.assert_array_equal(read_neighbours(ref.out).ids, nn.ids)
+
+
 def test_refuses_to_overwrite_and_writes_all_or_nothing(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     _folder(tmp_path, rng.standard_normal((3, 8)).astype(np.float32), rng.standard_normal((30, 8)).astype(np.float32))

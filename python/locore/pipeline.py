@@ -465,7 +465,7 @@ def build_first_stage(data: DataSettings, progress: bool = True, log: Log = prin
     if os.path.exists(nn_path):
         log(f"first stage: using the existing {nn_path}")
         return nn_path
-    query, db = open_search_files(data.data, data.desc)
+    query, db = open_search_files(data.data, data.desc, distractors=data.distractors)
     index = "flat" if data.first_stage in ("faiss", "flat") else data.first_stage
     settings = SearchSettings(topk=min(data.first_stage_topk, len(db)), index=index, progress=progress)
     run_search(query, db, settings, out=nn_path, log=log)

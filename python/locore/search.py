@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .data.errors import DataError
+from .data.folder import split_shards
 from .data.global_desc import ConcatGlobal, GlobalDescriptors, GlobalFeatures
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
@@ -437,15 +438,29 @@ def _hdf5_rows(path: str) -> Optional[int]:
         return None
 
 
+def _one_or_split(folder: str, stem: str) -> List[str]:
+    """``folder/{stem}.pt``, else its ``split`` shards ``{stem}_xaa.pt``, ... in id order ([] if neither)."""
+    single = os.path.join(folder, stem + ".pt")
+    return [single] if os.path.isfile(single) else split_shards(folder, stem, ".pt")
+
+
 def open_search_files(data_dir: str, desc: str, distractors: Optional[str] = None,
                       dim: Optional[int] = None) -> Tuple[GlobalFeatures, GlobalDescriptors]:
-    """Query and database globals of a dataset folder (AMES layout), the database followed by the
-    distractors ``DIR1M/{desc}_global.pt`` when given. Raw files carry no shape: their dim comes from
+    """Query and database globals of a dataset folder (AMES layout): the gallery (one file or its
+    ``split`` shards), followed by the distractors ``DIR1M/{desc}_global.pt`` (or shards) when given. Raw files carry no shape: their dim comes from
     ``dim``, a torch-saved file among them, or the row count of ``{desc}_query_local.hdf5``."""
     qpath = os.path.join(data_dir, f"{desc}_query_global.pt")
-    gpath = os.path.join(data_dir, f"{desc}_gallery_global.pt")
-    paths = [qpath, gpath] + ([os.path.join(distractors, f"{desc}_global.pt")] if distractors else [])
-    missing = [p for p in paths if not os.path.isfile(p)]
+    missing = [] if os.path.isfile(qpath) else [qpath]
+    paths = [qpath]
+    for folder, stem in [(data_dir, f"{desc}_gallery_global")] + ([(distractors, f"{desc}_global")]
+                                                                   if distractors else []):
+        try:
+            found = _one_or_split(folder, stem)
+        except DataError as e:
+            raise SearchError(str(e)) from None
+        paths += found
+        if not found:
+            missing.append(os.path.join(folder, stem + ".pt") + f" (or its shards {stem}_xaa.pt, ...)")
     if missing:
         raise SearchError("missing global descriptor file(s): " + ", ".join(missing))
     try:

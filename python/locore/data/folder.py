@@ -84,7 +84,17 @@ def split_shards(folder: str, stem: str, ext: str) -> List[str]:
         raise DataError(f"{folder}: shards {stem}_x*{ext} have suffixes of different lengths "
                         f"({', '.join(s for s, _ in sorted(found))}), so their id order is ambiguous; "
                         "list them in order explicitly")
-    return [p for _, p in sorted(found)]
+    found.sort()
+    # the shards must run xaa, xab, ... without a gap: a missing one would shift every later id silently
+    for i, (suffix, path) in enumerate(found):
+        value = 0
+        for ch in suffix[1:]:
+            value = 26 * value + ord(ch) - ord("a")
+        if value != i:
+            expected = "".join(chr(ord("a") + (i // 26 ** k) % 26) for k in reversed(range(len(suffix) - 1)))
+            raise DataError(f"{folder}: shard {stem}_x{expected}{ext} is missing (found {os.path.basename(path)} "
+                            f"after {i} shard(s)); the shards must run x{'a' * (len(suffix) - 1)}, ... without a gap")
+    return [p for _, p in found]
 
 
 def _one_or_shards(folder: str, stem: str, ext: str, problems: List[str]) -> List[str]:
