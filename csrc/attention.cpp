@@ -430,6 +430,11 @@ static void attend_block(Scratch& sc, int R, const float* Kbh, const float* Vbh,
   }
 }
 
+// Natural-log normaliser log(sum_j exp(s_ij / sqrt(D))) from the log2-domain running max m and sum l.
+static inline float lse_of(float m, float l) {
+  return float((double(m) + std::log2(double(l))) * 0.6931471805599453);
+}
+
 static void check(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument(msg);
 }
@@ -498,6 +503,7 @@ struct RowBlock {
   int32_t pos[BQ];
   const float* q[BQ];
   float* out[BQ];
+  float* lse = nullptr;  // optional: row r's log-sum-exp goes to lse[pos[r]] (the training forward)
 };
 
 // Rows of `blk` attend to every global key of item b, then to the band keys within
@@ -523,6 +529,7 @@ static void attend_local_rows(const LayoutView& L, int64_t b, const float* Kbh, 
     const float inv = 1.0f / sc.l.data()[r];
     const float* ar = sc.acc.data() + r * D;
     for (int64_t d = 0; d < D; ++d) dst[d] = ar[d] * inv;
+    if (blk.lse) blk.lse[blk.pos[r]] = lse_of(sc.m.data()[r], sc.l.data()[r]);
   }
 }
 
@@ -574,6 +581,7 @@ static void local_task(const AttentionArgs& a, const LayoutView& L, const Plan& 
   const uint8_t* pad = a.key_padding + b * N;
   const uint8_t* glob = a.is_global + b * N;
   RowBlock rows;
+  if (a.lse) rows.lse = a.lse + (b * H + h) * N;
   for (int64_t i = i0; i < i1; ++i) {
     float* dst = a.out + (b * N + i) * rs + h * D;
     if (pad[i]) {
@@ -615,6 +623,7 @@ static void global_task(const AttentionArgs& a, const ValidKeys& vk, const Plan&
       const float inv = 1.0f / sc.l.data()[r];
       const float* ar = sc.acc.data() + r * D;
       for (int64_t d = 0; d < D; ++d) dst[d] = ar[d] * inv;
+      if (a.lse) a.lse[(b * H + h) * N + i] = lse_of(sc.m.data()[r], sc.l.data()[r]);
     }
   } else {
     float* part = partial + (gt * splits + s) * p.part_stride;
@@ -649,6 +658,7 @@ static void combine_global_splits(const AttentionArgs& a, const Plan& p, int64_t
     }
     const float inv = 1.0f / L;
     for (int64_t d = 0; d < D; ++d) dst[d] *= inv;
+    if (a.lse) a.lse[(b * H + h) * N + a.global_idx[b * G + g0 + r]] = lse_of(M, L);
   }
 }
 

@@ -17,6 +17,8 @@ struct AttentionArgs {
   const float* kg = nullptr;  // [B, N, H, D] global keys / values of every token
   const float* vg = nullptr;
   float* out = nullptr;       // [B, N, H, D] every row written (padded rows exactly 0)
+  float* lse = nullptr;       // optional [B, H, N]: natural-log softmax normaliser of every valid row
+                              // (for the backward); padded rows are left untouched. nullptr: not written
 
   const int32_t* global_idx = nullptr;  // [B, G] positions of the global tokens, first num_global[b] valid
   const int32_t* num_global = nullptr;  // [B]

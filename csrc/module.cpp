@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "attention_backward.h"
 
 #if LOCORE_OPENMP
 #include <omp.h>
@@ -159,4 +160,5 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("q_rows"), py::arg("k"), py::arg("v"), py::arg("rows"), py::arg("out"), py::arg("global_idx"),
         py::arg("num_global"), py::arg("band_key"), py::arg("key_padding"), py::arg("is_global"),
         py::arg("one_sided_window"), py::arg("num_threads") = 0);
+  locore::register_backward(m);
 }
