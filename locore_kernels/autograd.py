@@ -1,0 +1,121 @@
+"""Differentiable Longformer attention for training: autograd over the C++ and Triton kernels.
+
+The forward runs the backend's kernel and also keeps the per-row log-sum-exp ``lse`` [B, H, N]; the
+backward recomputes the probabilities tile by tile from q, k, v, the global projections, the output
+and ``lse`` (flash-attention style). Saved state is O(N * H * D); nothing O(N^2) is ever built, unlike
+the dense reference's autograd (which saves [B, H, N, N] probabilities twice per call).
+
+    out = longformer_attention(q, k, v, q_global, k_global, v_global, is_global=..., key_padding=...,
+                               one_sided_window=w, backend="cpu")    # differentiable
+    out.sum().backward()
+
+backend: "cpu" (C++, float32 or float64), "triton" (CUDA; CPU tensors under TRITON_INTERPRET=1),
+"reference" (dense PyTorch autograd, any float dtype), None = the best for the device.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .layout import AttentionLayout, build_layout, scatter_global
+from .ops import TRITON_HEAD_DIMS, _check_layout, _check_projections, resolve_backend, triton_interpreter_enabled
+from .reference import longformer_attention_reference
+
+
+def _check_trainable_backend(backend: str, q: Tensor) -> None:
+    if backend == "cpu":
+        if q.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got device {q.device}")
+        if q.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"backend='cpu' trains in float32 or float64, got {q.dtype}")
+    elif backend == "triton":
+        if q.device.type != "cuda" and not triton_interpreter_enabled():
+            raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+        if q.shape[-1] not in TRITON_HEAD_DIMS:
+            raise ValueError(f"backend='triton' supports head dim D in {TRITON_HEAD_DIMS}, got D={q.shape[-1]}")
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError(f"backend='triton' supports float16/bfloat16/float32/float64, got {q.dtype}")
+
+
+def _forward_with_lse(backend: str, inputs: tuple[Tensor, ...], layout: AttentionLayout) -> tuple[Tensor, Tensor]:
+    if backend == "cpu":
+        from .cpu_backward import cpu_attention_with_lse
+        return cpu_attention_with_lse(*inputs, layout)
+    from .triton_backward import triton_attention_with_lse
+    return triton_attention_with_lse(*inputs, layout)
+
+
+def _backward(backend: str, saved: tuple[Tensor, ...], grad_out: Tensor, layout: AttentionLayout):
+    if backend == "cpu":
+        from .cpu_backward import cpu_attention_backward
+        return cpu_attention_backward(*saved, grad_out, layout)
+    from .triton_backward import triton_attention_backward
+    return triton_attention_backward(*saved, grad_out, layout)
+
+
+class LongformerAttentionFunction(torch.autograd.Function):
+    """Autograd node over a kernel backend: inputs (q, k, v, q_global_gathered, k_global, v_global),
+    then the layout and the backend name (not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, q_global_gathered: Tensor, k_global: Tensor,
+                v_global: Tensor, layout: AttentionLayout, backend: str) -> Tensor:
+        inputs = tuple(t.contiguous() for t in (q, k, v, q_global_gathered, k_global, v_global))
+        out, lse = _forward_with_lse(backend, inputs, layout)
+        ctx.save_for_backward(*inputs, out, lse)
+        ctx.layout = layout
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grads = _backward(ctx.backend, ctx.saved_tensors, grad_out.contiguous(), ctx.layout)
+        return (*grads, None, None)
+
+
+def attention_with_layout_trainable(
+    q: Tensor, k: Tensor, v: Tensor,
+    q_global_gathered: Tensor, k_global: Tensor, v_global: Tensor,
+    layout: AttentionLayout, *, backend: Optional[str] = None, validate: bool = True,
+) -> Tensor:
+    """Differentiable ``ops.attention_with_layout`` (same arguments): the model's training entry."""
+    backend = resolve_backend(backend, q.device, q.dtype)
+    if validate:
+        _check_projections({"q": q, "k": k, "v": v, "q_global": q_global_gathered,
+                            "k_global": k_global, "v_global": v_global},
+                           n_rows={"q_global": layout.max_global})
+        _check_layout(q, layout)
+        _check_trainable_backend(backend, q)
+    if backend == "reference":
+        return longformer_attention_reference(q, k, v, scatter_global(layout, q_global_gathered), k_global,
+                                              v_global, layout.is_global, layout.key_padding,
+                                              layout.one_sided_window)
+    return LongformerAttentionFunction.apply(q, k, v, q_global_gathered, k_global, v_global, layout, backend)
+
+
+def longformer_attention(
+    q: Tensor, k: Tensor, v: Tensor,
+    q_global: Tensor, k_global: Tensor, v_global: Tensor,
+    *, is_global: Tensor, key_padding: Tensor, one_sided_window: int,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Differentiable ``ops.longformer_attention`` (same arguments and result; SPEC section 3).
+
+    Gradients flow into all six projections; q_global receives gradient at the global tokens only
+    (its other rows are never read). backend=None picks "cpu" for float32/float64 CPU tensors and
+    "triton" on CUDA.
+    """
+    _check_projections({"q": q, "k": k, "v": v, "q_global": q_global, "k_global": k_global, "v_global": v_global})
+    layout = build_layout(is_global, key_padding, one_sided_window)
+    _check_layout(q, layout)
+    if backend is None and q.device.type == "cpu" and q.dtype == torch.float64:
+        backend = "cpu"
+    backend = resolve_backend(backend, q.device, q.dtype)
+    _check_trainable_backend(backend, q)
+    if backend == "reference":
+        return longformer_attention_reference(q, k, v, q_global, k_global, v_global,
+                                              is_global, key_padding, layout.one_sided_window)
+    return attention_with_layout_trainable(q, k, v, layout.gather_global(q_global), k_global, v_global, layout,
+                                           backend=backend, validate=False)
