@@ -104,6 +104,27 @@ def _fp32_vs_reference(backend, kind, B, N, H, D, w, seed=0):
     return grads
 
 
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_gradcheck_float64_triton(name):
+    """Triton under the interpreter (slow): fast-mode gradcheck of one packed input, i.e. v^T J u for
+    random u over all six projections at once (2 forward evaluations instead of 2 per element)."""
+    kind, B, N, w = LAYOUTS[name]
+    glob, pad = make_masks(kind, B, N)
+    packed = torch.stack(make_inputs(B, N, 1, 16)).requires_grad_()
+
+    def fn(x):
+        return longformer_attention(*x.unbind(0), is_global=glob, key_padding=pad, one_sided_window=w,
+                                    backend="triton")
+
+    assert torch.autograd.gradcheck(fn, (packed,), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("kind,N,w", [("mixed", 70, 5), ("all-globals", 50, 3)])
+def test_triton_fp32_gradients_match_float64_reference(kind, N, w):
+    # several row tiles (BLOCK_M 16) and key tiles (BLOCK_N 32); all-globals: G > BLOCK_N
+    _fp32_vs_reference("triton", kind, B=2, N=N, H=1, D=16, w=w)
+
+
 @pytest.mark.parametrize("kind", ["mixed", "no-globals", "all-globals", "item-all-padded"])
 def test_cpu_fp32_gradients_match_float64_reference(kind):
     # several row blocks (32 rows) and key tiles (64 keys), a band crossing block edges
