@@ -119,3 +119,43 @@ def longformer_attention(
                                               is_global, key_padding, layout.one_sided_window)
     return attention_with_layout_trainable(q, k, v, layout.gather_global(q_global), k_global, v_global, layout,
                                            backend=backend, validate=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library registration
+# ----------------------------------------------------------------------------------------------
+
+def _op_setup_context(ctx, inputs, output) -> None:
+    *tensors, one_sided_window, backend = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.one_sided_window = one_sided_window
+    ctx.backend = backend
+
+
+def _op_backward(ctx, grad_out: Tensor):
+    q, k, v, qg, kg, vg, is_global, key_padding, band_key, global_idx, num_global = ctx.saved_tensors
+    layout = AttentionLayout(is_global=is_global, key_padding=key_padding, band_key=band_key,
+                             global_idx=global_idx, num_global=num_global, max_global=global_idx.shape[1],
+                             one_sided_window=ctx.one_sided_window)
+    inputs = tuple(t.contiguous() for t in (q, k, v, qg, kg, vg))
+    if ctx.backend == "triton" or (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)):
+        backend = "triton" if ctx.backend == "triton" else "cpu"
+        # the op returns out only: recompute out and lse (one forward, O(N) memory), then the backward
+        out, lse = _forward_with_lse(backend, inputs, layout)
+        grads = _backward(backend, (*inputs, out, lse), grad_out.contiguous(), layout)
+    else:  # dtypes / devices without a kernel backward: the dense reference's autograd
+        with torch.enable_grad():
+            xs = [t.detach().requires_grad_() for t in inputs]
+            out = longformer_attention_reference(xs[0], xs[1], xs[2], scatter_global(layout, xs[3]), xs[4], xs[5],
+                                                 is_global, key_padding, layout.one_sided_window)
+            grads = torch.autograd.grad(out, xs, grad_out, allow_unused=True, materialize_grads=True)
+    return (*grads, None, None, None, None, None, None, None)
+
+
+def register_custom_op_autograd(op_name: str = "locore::attention") -> None:
+    """Attach the backward to a ``torch.library`` op with the signature
+    ``(q, k, v, q_global_gathered, k_global, v_global, is_global, key_padding, band_key, global_idx,
+    num_global, one_sided_window: int, backend: str) -> out``. The op's output carries no
+    log-sum-exp, so the backward recomputes the forward once (with LSE) before the kernel backward:
+    about one forward more than ``LongformerAttentionFunction``, same O(N) memory."""
+    torch.library.register_autograd(op_name, _op_backward, setup_context=_op_setup_context)

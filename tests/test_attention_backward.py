@@ -243,3 +243,38 @@ def test_trainable_layout_entry_and_errors():
                              one_sided_window=w, backend="cpu")
     with pytest.raises(ValueError, match="q_global"):
         attention_with_layout_trainable(xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], layout, backend="cpu")
+
+
+@torch.library.custom_op("locore_test::attention", mutates_args=())
+def _test_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_global_gathered: torch.Tensor,
+                       k_global: torch.Tensor, v_global: torch.Tensor, is_global: torch.Tensor,
+                       key_padding: torch.Tensor, band_key: torch.Tensor, global_idx: torch.Tensor,
+                       num_global: torch.Tensor, one_sided_window: int, backend: str) -> torch.Tensor:
+    """A stand-in with the signature of the locore::attention custom op (inference kernel inside)."""
+    from locore_kernels import attention_with_layout
+    from locore_kernels.layout import AttentionLayout
+    layout = AttentionLayout(is_global=is_global, key_padding=key_padding, band_key=band_key,
+                             global_idx=global_idx, num_global=num_global, max_global=global_idx.shape[1],
+                             one_sided_window=one_sided_window)
+    return attention_with_layout(q, k, v, q_global_gathered, k_global, v_global, layout,
+                                 backend=backend).contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_register_custom_op_autograd(dtype):
+    from locore_kernels.autograd import register_custom_op_autograd
+    register_custom_op_autograd("locore_test::attention")
+    B, N, H, D, w = 2, 40, 2, 8, 4
+    glob, pad = make_masks("mixed", B, N)
+    layout = build_layout(glob, pad, w)
+    xs = [t.to(dtype).requires_grad_() for t in make_inputs(B, N, H, D)]
+    qg = layout.gather_global(xs[3])
+    backend = "cpu" if dtype == torch.float32 else "reference"
+    out = _test_attention_op(xs[0], xs[1], xs[2], qg, xs[4], xs[5], layout.is_global, layout.key_padding,
+                             layout.band_key, layout.global_idx, layout.num_global, w, backend)
+    grad_out = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(out, xs, grad_out)
+    expected = torch.autograd.grad(longformer_attention(*xs, is_global=glob, key_padding=pad, one_sided_window=w,
+                                                        backend="cpu"), xs, grad_out)
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
