@@ -20,8 +20,22 @@ import torch
 from torch import Tensor
 
 from .layout import AttentionLayout, build_layout, scatter_global
-from .ops import TRITON_HEAD_DIMS, _check_layout, _check_projections, resolve_backend, triton_interpreter_enabled
+from .backends import TRITON_HEAD_DIMS
+from .env import triton_interpreter_enabled
+from .ops import _check_layout, _check_projections, resolve_backend
 from .reference import longformer_attention_reference
+
+
+def _trainable_backend(backend: Optional[str], q: Tensor) -> str:
+    """The backend a training call runs: the kernels' backward takes float32/float64 on CPU (float64 for
+    gradcheck, which the inference registry does not list) and the registry's choice elsewhere."""
+    if backend is None:
+        if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64):
+            return "cpu"
+        return resolve_backend(None, q.device, q.dtype, q.shape[-1])
+    if backend not in ("cpu", "triton", "reference"):
+        resolve_backend(backend, q.device, q.dtype, q.shape[-1])  # raises, naming the backends
+    return backend
 
 
 def _check_trainable_backend(backend: str, q: Tensor) -> None:
@@ -81,7 +95,7 @@ def attention_with_layout_trainable(
     layout: AttentionLayout, *, backend: Optional[str] = None, validate: bool = True,
 ) -> Tensor:
     """Differentiable ``ops.attention_with_layout`` (same arguments): the model's training entry."""
-    backend = resolve_backend(backend, q.device, q.dtype)
+    backend = _trainable_backend(backend, q)
     if validate:
         _check_projections({"q": q, "k": k, "v": v, "q_global": q_global_gathered,
                             "k_global": k_global, "v_global": v_global},
@@ -110,9 +124,7 @@ def longformer_attention(
     _check_projections({"q": q, "k": k, "v": v, "q_global": q_global, "k_global": k_global, "v_global": v_global})
     layout = build_layout(is_global, key_padding, one_sided_window)
     _check_layout(q, layout)
-    if backend is None and q.device.type == "cpu" and q.dtype == torch.float64:
-        backend = "cpu"
-    backend = resolve_backend(backend, q.device, q.dtype)
+    backend = _trainable_backend(backend, q)
     _check_trainable_backend(backend, q)
     if backend == "reference":
         return longformer_attention_reference(q, k, v, q_global, k_global, v_global,

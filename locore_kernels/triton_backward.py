@@ -40,7 +40,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .layout import AttentionLayout
-from .triton_attention import LOG2E, SUPPORTED_HEAD_DIMS, _interpreting
+from .backends import TRITON_HEAD_DIMS as SUPPORTED_HEAD_DIMS
+from .env import triton_interpreter_enabled as _interpreting
+from .triton_attention import LOG2E
 
 TRAIN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
