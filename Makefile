@@ -22,7 +22,7 @@ BUILD_CMD ?= $(PIP) install --no-build-isolation --no-deps -e . 2>&1 | grep -v "
 TORCH_SPEC  ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
 
-.PHONY: venv build demo test test-gpu bench bench-cpu bench-micro clean
+.PHONY: venv build demo test test-gpu bench bench-cpu bench-micro gpu-static clean
 
 ifdef SYSTEM_PYTHON
 $(STAMP):
@@ -70,6 +70,11 @@ bench: $(STAMP) build
 bench-cpu: $(STAMP) build
 	$(PY) benchmarks/bench_model.py --cpu --time-limit 420
 	$(PY) benchmarks/bench_attention.py --cpu --time-limit 240
+
+# No GPU needed: compile every Triton kernel for an H100 (sm_90a) in every autotune config and report
+# registers, spills, shared memory, occupancy and tensor-core use (benchmarks/results/gpu-static-sm90.*).
+gpu-static: $(STAMP)
+	$(PY) benchmarks/gpu_static.py
 
 # pytest-benchmark micro-benchmarks (attention op, one encoder layer); not part of `make test`.
 bench-micro: $(STAMP) build
