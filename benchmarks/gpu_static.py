@@ -340,7 +340,8 @@ def compile_launch(entry_name: str, dtype: str, head_dim: int, launch: Launch) -
     types = entry.arg_types(dtype)
     signature = {name: "constexpr" if name in launch.constexprs else types.get(name, "i32")
                  for name in fn.arg_names}
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in entry.aligned if name in fn.arg_names}
+    # in argument order: Triton's cache key is str(attrs), so a set's per-process order would miss the cache
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in entry.aligned}
     src = ASTSource(fn=fn, signature=signature, constexprs=dict(launch.constexprs), attrs=attrs)
     t0 = time.perf_counter()
     kernel = triton.compile(src, target=GPUTarget("cuda", CAPABILITY, WARP_SIZE),
