@@ -204,6 +204,26 @@ def _roofline_layernorm(s: PaperShape) -> tuple[float, float]:
     return 9 * elems, 3 * elems * s.elem_bytes                         # ~9 ops/element; y, residual in, y out
 
 
+def _roofline_rows(s: PaperShape) -> tuple[float, float]:
+    """The pruned last layer's rows op at the paper's shape: the K = 100 rows a max-end score reads
+    (each attends to the global tokens and its band); k and v of every token are read once."""
+    rows, g, hd, e = 100, sum(s.is_global()), s.heads * s.head_dim, s.elem_bytes
+    keys = g + 2 * s.window + 1
+    flops = 4 * s.head_dim * rows * keys * s.heads
+    return flops, (2 * rows * hd + 2 * s.n * hd) * e + 2 * s.n + 4 * g + 8 * rows
+
+
+def _fixed_launch(config: str, extra: Callable[[int], dict[str, Any]]):
+    """The one launch of a kernel with a fixed config per dtype family (a dict of triton_attention)."""
+    def launches(dtype: str, head_dim: int) -> list[Launch]:
+        ta, _ = _kernels_module()
+        cfg = getattr(ta, config + ("_FP32" if dtype == "fp32" else "_16BIT"))
+        label = f"BM{cfg['BLOCK_M']} BN{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
+        return [Launch(label, {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], **extra(head_dim)},
+                       cfg["num_warps"], cfg["num_stages"], autotuned=False)]
+    return launches
+
+
 def _epilogue_launches(block: Callable[[int], int], warps: Callable[[int], int]):
     """The fixed launch of an epilogue at d_model = 12 * head dim (the launch rules of epilogues.py)."""
     def launches(dtype: str, head_dim: int) -> list[Launch]:
@@ -235,6 +255,13 @@ KERNELS: list[KernelEntry] = [
                            lambda d: {"HEAD_DIM": d, "UPCAST": False}),
         has_dots=True, roofline=_roofline_global,
         aligned=frozenset({"QG", "KG", "VG", "MPart", "LPart", "AccPart"}) | _ATTN_STRIDES),
+    KernelEntry(
+        "rows", lambda: _kernels_module()[0]._row_list_kernel,
+        lambda dt: _tensor_ptrs(dt, ("Q", "K", "V", "Out"), KeyPad="*i1", BandKey="*i1", GIdx="*i32",
+                                NumGlobal="*i32", RowPos="*i32", RowDest="*i32", qk_scale="fp32"),
+        _fixed_launch("ROWS_CONFIG", lambda d: {"HEAD_DIM": d, "UPCAST": False}),
+        has_dots=True, roofline=_roofline_rows,
+        aligned=frozenset({"Q", "K", "V", "Out", "stride_qr", "stride_or"}) | _ATTN_STRIDES),
     KernelEntry(
         "combine", lambda: _kernels_module()[0]._global_rows_combine_kernel,
         lambda dt: _tensor_ptrs(dt, ("Out",), MPart="*fp32", LPart="*fp32", AccPart="*fp32", GIdx="*i32",

@@ -118,6 +118,10 @@ def _expected_launches() -> set[tuple[str, str, int, str]]:
                 for cfg in (c32 if dtype == "fp32" else c16):
                     out.add((name, dtype, d, (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps,
                                               cfg.num_stages)))
+    for dtype in ("bf16", "fp16", "fp32"):  # the rows op's kernel: one fixed config per dtype family
+        cfg = ta.ROWS_CONFIG_FP32 if dtype == "fp32" else ta.ROWS_CONFIG_16BIT
+        for d in gs.CHECKED_HEAD_DIMS:
+            out.add(("rows", dtype, d, (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])))
     return out
 
 
@@ -135,10 +139,11 @@ def test_every_kernel_config_fits_an_h100(tmp_path):
     rows = report["kernels"]
     assert (tmp_path / "gpu-static-sm90.md").read_text().count("\n| ") >= len(rows)
 
-    # coverage: every autotune config of both attention kernels, all dtypes, D = 64 and 128; the
+    # coverage: every autotune config of both attention kernels (and the rows kernel's fixed one), all dtypes,
+    # D = 64 and 128; the
     # combine kernel and the epilogues in each dtype
     seen = {(r["kernel"], r["dtype"], r["head_dim"], (r["constexprs"]["BLOCK_M"], r["constexprs"]["BLOCK_N"],
-             r["num_warps"], r["num_stages"])) for r in rows if r["kernel"] in ("local_rows", "global_split")
+             r["num_warps"], r["num_stages"])) for r in rows if r["kernel"] in ("local_rows", "global_split", "rows")
             and "error" not in r}
     assert seen == _expected_launches()
     for name in ("combine", "bias_gelu", "bias_residual_layernorm"):
