@@ -348,11 +348,14 @@ class DatasetReranker:
 
     # -- the run -------------------------------------------------------------------------------------
     def rerank(self, ids: np.ndarray, sims: np.ndarray, method, queries: Optional[Sequence[int]] = None,
-               progress: bool = True, desc: str = "re-ranking") -> Tuple[np.ndarray, RerankStats]:
+               progress: bool = True, desc: str = "re-ranking",
+               on_chunk: Optional[Callable[[np.ndarray, np.ndarray], None]] = None) -> Tuple[np.ndarray, RerankStats]:
         """Re-rank the first-stage lists ``ids [Q, n]`` (with similarities ``sims [Q, n]``).
 
         ``method``: :class:`TopK` or :class:`Sliding`. ``queries``: row indices of ``ids`` to process
         (default all; each must also be the query's row in the query descriptor files).
+        ``on_chunk(queries, rows)`` is called with each finished batch of queries and their final rows
+        (the distributed runner saves them as they come, for resumable runs).
         Returns ``(ranks [len(queries), n] int64, stats)``: the re-ordered shortlist, then the rest.
         """
         from tqdm.auto import tqdm
@@ -393,6 +396,8 @@ class DatasetReranker:
                     perm = sliding_rerank(self._score_fn(chunk, stats, True), gs, method.order, method.window,
                                           method.stride, self.alpha, self.temp)
                 ranks[done:done + len(qs), :L] = np.take_along_axis(ids[qs, :L], perm, axis=1)
+                if on_chunk is not None:
+                    on_chunk(qs, ranks[done:done + len(qs)])
                 done += len(qs)
                 stats.per_chunk_seconds.append(time.perf_counter() - t0)
                 bar.update(len(qs))
