@@ -1,0 +1,7 @@
+"""``python -m locore ...`` (and ``torchrun ... -m locore rerank ...``): the ``locore`` command."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
