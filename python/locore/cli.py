@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import pipeline
+from . import distributed, pipeline
 from .data import EXPECTED_LAYOUT, DataError, UnsafePickleError, read_gnd, read_ranks
 from .evaluate import GLDV2_PROTOCOLS, SPLITS, gldv2_metrics, is_gldv2_gnd, map_at_r, recall_at_k, revisited_metrics
 from .pipeline import (METRIC_COLUMNS, PROTOCOLS, SLIDING_DEFAULTS, DataSettings, ModelSettings, RerankOptions,
@@ -26,7 +26,7 @@ DEMO_SLIDING = {"order": "end-to-start", "shortlist": 40, "window": 20, "stride"
 
 # Errors a user can fix: printed as one message, no traceback (LOCORE_DEBUG=1 shows it); plus
 # locore.checkpoint.CheckpointError (imported lazily: it pulls in torch).
-USER_ERRORS = (DataError, SettingsError, UnsafePickleError, FileNotFoundError)
+USER_ERRORS = (DataError, SettingsError, UnsafePickleError, FileNotFoundError, distributed.DistributedError)
 
 
 def _is_user_error(e: BaseException) -> bool:
@@ -90,7 +90,8 @@ def rerank_options(args: argparse.Namespace, demo: bool = False) -> RerankOption
     return RerankOptions(alpha=args.alpha, temp=args.temp, method=method, mode=args.mode, softmax=args.softmax,
                          protocol=args.protocol, split=args.split, batch_size=args.batch_size,
                          cuda_graph=args.cuda_graph, max_queries=getattr(args, "max_queries", None),
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, resume=getattr(args, "resume", False),
+                         save_every=getattr(args, "save_every", 16))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,6 +249,13 @@ def add_rerank_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                             "inner product, or the ivf / hnsw approximate index; an existing file is used as is")
         g.add_argument("--first-stage-topk", type=_count("--first-stage-topk"), default=1600, metavar="M",
                        help="neighbours kept by --first-stage (default 1600, at most the database size)")
+        g = p.add_argument_group("many processes (torchrun -m locore rerank ...) and resumable runs")
+        g.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from its work folder RANKS.work beside --out (same command "
+                            "and inputs; another run's folder is refused); without it an existing work folder is "
+                            "reported and nothing runs")
+        g.add_argument("--save-every", type=_count("--save-every"), default=16, metavar="N",
+                       help="each process saves its finished queries to the work folder every N queries (default 16)")
     g = p.add_argument_group("re-ranking")
     g.add_argument("--descriptors", type=int, default=48, metavar="S",
                    help="local descriptors (leading slots) per image (default 48, the released model)")
@@ -376,7 +384,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:
         if not _is_user_error(e) or os.environ.get("LOCORE_DEBUG"):
             raise
-        print(f"locore {args.command}: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0" or not isinstance(e, distributed.DistributedError):
+            print(f"locore {args.command}: error: {e}", file=sys.stderr)  # an agreed error once, not K times
         return 2
 
 

@@ -305,18 +305,17 @@ class WorkFolder:
 
     def __init__(self, path: str, print_: Dict[str, Any], ctx: Context):
         self.path, self.fingerprint, self.ctx = path, print_, ctx
+        self._created = False
 
     @classmethod
     def open(cls, ctx: Context, path: str, print_: Dict[str, Any], resume: bool) -> "WorkFolder":
         """Collective. Without ``resume`` an existing folder is refused (it holds an unfinished run: resume
-        it or delete it); with ``resume`` a folder of another run (another fingerprint) is refused. Then
-        the folder exists, with this run's manifest."""
+        it or delete it); with ``resume`` a folder of another run (another fingerprint) is refused. The
+        folder itself is made by the first save, so a run that fails before finishing a query leaves none."""
         error: Optional[BaseException] = None
         if ctx.is_main:
             try:
                 cls._check(path, print_, resume)
-                os.makedirs(path, exist_ok=True)
-                _atomic_write(os.path.join(path, MANIFEST), lambda f: f.write(json.dumps(print_, indent=2).encode()))
             except (DistributedError, OSError) as e:
                 error = e if isinstance(e, DistributedError) else DistributedError(f"work folder {path}: {e}")
         ctx.agree(error)
@@ -329,6 +328,8 @@ class WorkFolder:
         if not os.path.isdir(path):
             return
         partials = [n for n in os.listdir(path) if n.endswith(PARTIAL_SUFFIX)]
+        if not partials:  # nothing saved yet (or only a manifest): nothing to lose, nothing to reuse
+            return
         if not resume:
             raise DistributedError(
                 f"found the work folder {path} of an earlier unfinished run ({len(partials)} partial result "
@@ -351,6 +352,11 @@ class WorkFolder:
     def save(self, run: str, queries: np.ndarray, rows: np.ndarray) -> str:
         """Write ``rows [m, n]`` (ranks of query indices ``queries``) of ``run`` as one new partial file."""
         queries = np.asarray(queries, dtype=np.int64)
+        if not self._created:  # every rank writes the same manifest, atomically
+            os.makedirs(self.path, exist_ok=True)
+            _atomic_write(os.path.join(self.path, MANIFEST),
+                          lambda f: f.write(json.dumps(self.fingerprint, indent=2).encode()))
+            self._created = True
         name = f"{run}.q{int(queries[0]):08d}+{len(queries)}.r{self.ctx.rank}{PARTIAL_SUFFIX}"
         path = os.path.join(self.path, name)
         arrays = {"fingerprint": np.array(self.fingerprint["hash"]), "run": np.array(run), "queries": queries,

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from . import distributed
 from .data import (AmesFiles, ConcatRows, Database, DataError, GlobalFeatures, LocalFeatures, Neighbours, locate_files,
                    open_database, read_gnd, read_neighbours)
 from .evaluate import (GLDV2_PRIVATE, GLDV2_PROTOCOLS, KAPPAS, SPLITS, gldv2_metrics, is_gldv2_gnd, protocol_first_stage,
@@ -103,6 +104,8 @@ class RerankOptions:
     cuda_graph: bool = False
     max_queries: Optional[int] = None   # re-rank only the first N queries
     progress: bool = True
+    resume: bool = False                # continue from the work folder beside the output (distributed.WorkFolder)
+    save_every: int = 16                # each process saves its finished queries every N queries
 
     def __post_init__(self) -> None:
         check_alpha(self.alpha)
@@ -117,6 +120,7 @@ class RerankOptions:
             check_count("batch size", self.batch_size)
         if self.max_queries is not None:
             check_count("max queries", self.max_queries)
+        check_count("save every", self.save_every)
         if isinstance(self.method, TopK):
             check_count("top-k", self.method.k)
 
@@ -318,8 +322,14 @@ def _format_table(metrics: dict, protocol: str) -> str:
 
 
 def run(dataset: Dataset, model, options: RerankOptions, *, checkpoint: str = "", random_weights: bool = False,
-        log: Log = print) -> RerankReport:
-    """Re-rank every run of the dataset's protocol and evaluate it; writes nothing (see :func:`write_results`)."""
+        log: Log = print, ctx: Optional[distributed.Context] = None,
+        work: Optional[distributed.WorkFolder] = None) -> RerankReport:
+    """Re-rank every run of the dataset's protocol and evaluate it; writes nothing (see :func:`write_results`).
+
+    Under torchrun (``ctx`` from :func:`distributed.init`) this process re-ranks its block of the queries and
+    rank 0 gathers them: only rank 0's report holds ranks and metrics. With ``work``, finished queries are
+    saved as they come and those already saved there are skipped."""
+    ctx = ctx or distributed.Context()
     check_model_fits(dataset, model)
     cfg, data, method = model.config, dataset.settings, options.method
     q_local, nn, gnd = dataset.query_local, dataset.neighbours, dataset.gnd
@@ -355,8 +365,15 @@ def run(dataset: Dataset, model, options: RerankOptions, *, checkpoint: str = ""
             ids, sims = protocol_first_stage(nn.ids, nn.sims, gnd, name)
         if queries is not None:
             ids, sims = ids[queries], sims[queries]
-        ranks, stats = reranker.rerank(ids, sims, method, progress=options.progress, desc=f"re-ranking ({name})")
-        report.runs[name], report.first_stage[name], report.stats[name] = ranks.astype(np.int64), ids, stats
+        shard = distributed.Shard(ctx, work, name, num_queries=ids.shape[0], row_len=ids.shape[1],
+                                  save_every=options.save_every, progress=options.progress,
+                                  desc=f"re-ranking ({name})", log=log)
+        _, stats = reranker.rerank(ids, sims, method, queries=shard.todo, progress=False, on_chunk=shard.record)
+        ranks = shard.finish()  # every rank's block, in query order, on rank 0
+        report.stats[name] = stats
+        if not ctx.is_main:
+            continue
+        report.runs[name], report.first_stage[name] = ranks, ids
         log(f"[{name}] {stats.summary()}; ranks {ranks.shape}")
         if metrics is not None and dataset.protocol in GLDV2_PROTOCOLS:
             evaluable = len(gnd) - GLDV2_PRIVATE if dataset.protocol == "gldv2-val" else len(gnd)
@@ -370,15 +387,24 @@ def run(dataset: Dataset, model, options: RerankOptions, *, checkpoint: str = ""
             for s in splits:
                 metrics[s] = {"run": name, "first_stage": {k: round(v, 2) for k, v in before[s].items()},
                               "reranked": {k: round(v, 2) for k, v in after[s].items()}}
+    # each process's throughput (a collective: every rank takes part); the queries it computed, not resumed
+    mine = RerankStats(queries=sum(s.queries for s in report.stats.values()),
+                       forward_passes=sum(s.forward_passes for s in report.stats.values()),
+                       seconds=sum(s.seconds for s in report.stats.values()))
+    processes = ctx.gather({"rank": ctx.rank, "device": str(model.device), "threads": ctx.threads,
+                            **mine.as_dict()})
+    if not ctx.is_main:
+        return report
     report.metrics = metrics
     if metrics is not None:
         log(_format_table(metrics, dataset.protocol))
 
-    total_q = sum(s.queries for s in report.stats.values())
-    total_s = max(sum(s.seconds for s in report.stats.values()), 1e-9)
-    total_p = sum(s.forward_passes for s in report.stats.values())
+    total_q = sum(p["queries"] for p in processes)
+    total_s = max(max(p["seconds"] for p in processes), 1e-9)  # the slowest process
+    total_p = sum(p["forward_passes"] for p in processes)
     log(f"throughput: {total_q / total_s:.2f} queries/s, {total_p / total_s:.2f} forward passes/s "
-        f"(batch size {batch_size}, {total_p} passes over {len(runs)} run(s), {total_s:.2f} s)")
+        f"(batch size {batch_size}, {total_p} passes over {len(runs)} run(s), {total_s:.2f} s"
+        f"{f', {ctx.world_size} processes' if ctx.world_size > 1 else ''})")
     report.summary = {
         "command": "rerank", "protocol": dataset.protocol, "data": os.path.abspath(data.data), "desc": data.desc,
         "nn": dataset.files.nn, "gnd": dataset.files.gnd, "checkpoint": checkpoint, "random_weights": random_weights,
@@ -386,10 +412,29 @@ def run(dataset: Dataset, model, options: RerankOptions, *, checkpoint: str = ""
         "alpha": options.alpha, "temp": options.temp, "mode": options.mode, "softmax": options.softmax,
         "descriptors": q_local.num_descriptors, "global": use_global, "device": str(model.device),
         "dtype": str(model.dtype).replace("torch.", ""), "batch_size": batch_size,
-        "queries": total_q // max(len(runs), 1), "ranks": {},  # filled in by write_results
+        "queries": len(report.first_stage[runs[0][0]]) if runs else 0, "ranks": {},  # filled in by write_results
         "metrics": metrics, "throughput": {r: s.as_dict() for r, s in report.stats.items()},
+        "world_size": ctx.world_size, "processes": processes,
     }
     return report
+
+
+def run_fingerprint(model: ModelSettings, dataset: Dataset, options: RerankOptions, batch_size: int,
+                    device_type: str) -> Dict[str, Any]:
+    """What a saved partial result depends on (:func:`distributed.fingerprint`): the settings that change
+    ranks and the input files. Not the number of processes, --max-queries or --split: a query's row is the
+    same in every run that computes it."""
+    settings = {
+        "checkpoint": model.checkpoint, "seed": model.seed, **model.overrides(), "dtype": model.dtype,
+        "device": device_type, "alpha": options.alpha, "temp": options.temp, "mode": options.mode,
+        "softmax": options.softmax, "protocol": dataset.protocol, "batch_size": batch_size,
+        "method": {"kind": type(options.method).__name__, **dataclasses.asdict(options.method)},
+        "descriptors": dataset.settings.descriptors, "global": dataset.settings.use_global,
+    }
+    files = dataset.files
+    inputs = [files.query_local, *files.database_local, files.query_global, *files.database_global, files.nn,
+              files.gnd, None if model.random_weights else model.checkpoint]
+    return distributed.fingerprint(settings, inputs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -475,18 +520,53 @@ def build_first_stage(data: DataSettings, progress: bool = True, log: Log = prin
 def rerank(model: ModelSettings, data: DataSettings, options: RerankOptions, out: str, *, log: Log = print,
            loaded_model=None) -> RerankReport:
     """The whole job: check the outputs, open and cross-check the data, load the model, re-rank every run,
-    evaluate, then write every output at once. ``loaded_model`` skips loading (the demo passes its own)."""
+    evaluate, then write every output at once. ``loaded_model`` skips loading (the demo passes its own).
+
+    Under torchrun every process runs this: each re-ranks its block of the queries on its own device, and
+    rank 0 writes the files (the other ranks return a report without ranks). Finished queries are saved
+    in the work folder beside ``out`` as they come (:class:`distributed.WorkFolder`); with
+    ``options.resume`` a run continues from there; the folder is removed once the outputs are written."""
     ranks_paths, json_path = output_paths(out, ["first"])
     check_output([out, *ranks_paths.values(), json_path])
-    if data.first_stage is not None:
-        build_first_stage(data, progress=options.progress, log=log)
-    with open_dataset(data, options) as dataset:
-        runs = [name for name, _ in protocol_runs(dataset.protocol, options.split)]
-        check_output(list(output_paths(out, runs)[0].values()))
-        if loaded_model is None:
-            loaded_model, random_weights = load_model(model, log=log)
-        else:
-            random_weights = model.random_weights
-        report = run(dataset, loaded_model, options, checkpoint=model.checkpoint, random_weights=random_weights,
-                     log=log)
-    return write_results(report, out, log=log)
+    ctx = distributed.init(model.device)
+    try:
+        if ctx.device is not None and loaded_model is None:
+            model = dataclasses.replace(model, device=ctx.device)  # cuda:LOCAL_RANK
+        if not ctx.is_main:
+            log = _silent
+        if data.first_stage is not None:  # rank 0 builds the nn file, the others wait for it
+            error: Optional[BaseException] = None
+            if ctx.is_main:
+                try:
+                    build_first_stage(data, progress=options.progress, log=log)
+                except Exception as e:  # noqa: BLE001 - handed to every rank by agree
+                    error = e
+            ctx.agree(error)
+        with open_dataset(data, options) as dataset:
+            runs = [name for name, _ in protocol_runs(dataset.protocol, options.split)]
+            check_output(list(output_paths(out, runs)[0].values()))
+            if loaded_model is None:
+                loaded_model, random_weights = load_model(model, log=log)
+            else:
+                random_weights = model.random_weights
+            if ctx.world_size > 1:
+                log(f"torchrun: {ctx.world_size} processes ({ctx.backend}), rank 0 on {loaded_model.device}"
+                    f"{f' with {ctx.threads} threads' if ctx.threads else ''}; queries split in contiguous blocks")
+            device_type = loaded_model.device.type
+            batch_size = options.batch_size or (8 if device_type == "cuda" else 1)
+            work = distributed.WorkFolder.open(ctx, distributed.work_folder_for(ranks_paths["first"]),
+                                               run_fingerprint(model, dataset, options, batch_size, device_type),
+                                               resume=options.resume)
+            report = run(dataset, loaded_model, options, checkpoint=model.checkpoint, random_weights=random_weights,
+                         log=log, ctx=ctx, work=work)
+        if ctx.is_main:
+            write_results(report, out, log=log)
+        work.remove()  # a collective: the other ranks wait for rank 0's files
+        return report
+    finally:
+        ctx.close()
+
+
+def _silent(_: str) -> None:
+    """The log of ranks other than 0 (rank 0 speaks for the run)."""
+
