@@ -42,7 +42,8 @@ def _run(capsys, argv):
 
 
 def _snapshot(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    """The output files (the work folder RANKS.work of a failed run is kept on purpose, for --resume)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix != ".work"}
 
 
 @pytest.fixture()
@@ -78,6 +79,8 @@ def test_bad_data_in_the_hard_shortlist_leaves_earlier_results_byte_identical(fo
     assert rc == 2 and "[medium]" in stdout  # the medium run finished before the hard one failed
     assert len(err.strip().splitlines()) == 1 and str(only_hard[0]) in err, err
     assert _snapshot(out.parent) == before  # nothing replaced, no temporary file left behind
+    saved = sorted(p.name.split(".")[0] for p in (out.parent / "ranks.work").glob("*.npz"))
+    assert saved and set(saved) == {"medium"}  # the finished run is kept for --resume, nothing of the failed one
 
 
 def test_ctrl_c_mid_run_leaves_earlier_results_and_prints_one_line(folder, capsys, monkeypatch, earlier_results):
