@@ -168,3 +168,21 @@ def test_two_gloo_processes_gather_in_query_order(tmp_path):
     # a failure on rank 1 reaches rank 0 (named) instead of leaving it waiting
     assert info[0]["agreed"] == "rank one refuses (on rank 1)" and info[1]["agreed"] == "rank one refuses"
     assert not os.path.exists(out + ".work")
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 7])
+def test_merge_topk_of_database_blocks_equals_the_whole_search(K):
+    rng = np.random.default_rng(K)
+    Q, N, m = 4, 50, 8
+    scores = rng.integers(0, 6, size=(Q, N)).astype(np.float32)  # many ties: the id breaks them
+    whole = np.lexsort((np.tile(np.arange(N), (Q, 1)), -scores), axis=1)[:, :m]
+    parts = []
+    for r in range(K):
+        b = D.query_block(N, r, K)
+        ids = np.tile(np.arange(b.start, b.stop), (Q, 1))
+        s = scores[:, b.start:b.stop]
+        top = np.lexsort((ids, -s), axis=1)[:, :m]   # each rank's own top-m, ties by id
+        parts.append((np.take_along_axis(s, top, 1), np.take_along_axis(ids, top, 1)))
+    got_s, got_i = D.merge_topk(parts, m)
+    np.testing.assert_array_equal(got_i, whole)
+    np.testing.assert_array_equal(got_s, np.take_along_axis(scores, whole, 1))

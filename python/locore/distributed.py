@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 
-__all__ = ["Context", "DistributedError", "init", "launched_by_torchrun", "query_block", "fingerprint",
+__all__ = ["Context", "DistributedError", "init", "launched_by_torchrun", "query_block", "merge_topk", "fingerprint",
            "WorkFolder", "Shard", "KILL_AFTER_ENV"]
 
 # test hook: a process SIGKILLs itself once it has saved this many queries (tests of --resume)
@@ -219,6 +219,20 @@ def query_block(num_queries: int, rank: int, world_size: int) -> range:
     base, extra = divmod(int(num_queries), world_size)
     start = rank * base + min(rank, extra)
     return range(start, start + base + (1 if rank < extra else 0))
+
+
+def merge_topk(parts: Sequence[tuple], m: int) -> tuple:
+    """Exact top-``m`` of a sharded search: ``parts`` are each rank's ``(scores [Q, m_r], ids [Q, m_r])``
+    over its block of the database (its own top-``m`` there, ids global). Returns ``(scores [Q, m'], ids
+    [Q, m'])``, ``m' = min(m, sum m_r)``, best first; equal scores go to the smaller id, so the result does
+    not depend on how the database was split (a search over the whole database must break ties the same
+    way)."""
+    scores = np.concatenate([np.asarray(s) for s, _ in parts], axis=1)
+    ids = np.concatenate([np.asarray(i, dtype=np.int64) for _, i in parts], axis=1)
+    if scores.shape != ids.shape:
+        raise ValueError(f"scores {scores.shape} and ids {ids.shape} of the shards disagree")
+    order = np.lexsort((ids, -scores.astype(np.float64)), axis=1)[:, :m]  # last key first: score, then id
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
 
 # --------------------------------------------------------------------------------------------------
