@@ -57,7 +57,7 @@ def _same_files(a, b, names=("ranks.npy", "ranks_hard.npy")):
         assert open(os.path.join(a, name), "rb").read() == open(os.path.join(b, name), "rb").read(), name
 
 
-@pytest.mark.parametrize("max_queries", [None, 4])
+@pytest.mark.parametrize("max_queries", [None, 3])  # 5 and 3 queries over 2 processes
 def test_two_processes_write_the_single_process_files(folder, tmp_path, capsys, max_queries):
     extra = [] if max_queries is None else ["--max-queries", str(max_queries)]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -113,3 +113,24 @@ def test_killed_run_resumes_to_the_same_files_and_other_settings_are_refused(fol
     summary = json.loads((run / "ranks.json").read_text())
     assert sum(p["queries"] for p in summary["processes"]) == 2 * Q - len(saved)  # only the rest computed
     assert not os.path.exists(run / "ranks.work")
+
+
+def test_two_nodes_through_the_c10d_rendezvous_on_one_machine(folder, tmp_path, capsys):
+    """Multi-node as documented: two torchrun agents (one process each) meet at --rdzv-endpoint."""
+    import socket
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    _single(capsys, folder, one / "ranks.npy", "--max-queries", "3")
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=locore-test", "-m", "locore",
+           *_argv(folder, two / "ranks.npy", "--max-queries", "3", "--no-progress")]
+    nodes = [subprocess.Popen(cmd, env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=150) for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), [o[1][-2000:] for o in outs]
+    _same_files(one, two)
+    summary = json.loads((two / "ranks.json").read_text())
+    assert summary["world_size"] == 2 and [p["queries"] for p in summary["processes"]] == [4, 2]

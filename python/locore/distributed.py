@@ -430,7 +430,13 @@ class Shard:
         self.ctx, self.work, self.run, self.row_len = ctx, work, run, int(row_len)
         self.num_queries, self.save_every = int(num_queries), max(1, int(save_every))
         self.block = query_block(self.num_queries, ctx.rank, ctx.world_size)
-        saved = work.load(run, self.num_queries, self.row_len) if work is not None else {}
+        error: Optional[BaseException] = None
+        saved: Dict[int, np.ndarray] = {}
+        try:
+            saved = work.load(run, self.num_queries, self.row_len) if work is not None else {}
+        except DistributedError as e:  # a foreign or broken partial file: every rank stops with the message
+            error = e
+        ctx.agree(error)
         self.rows: Dict[int, np.ndarray] = {q: saved[q] for q in self.block if q in saved}
         self.todo = np.array([q for q in self.block if q not in self.rows], dtype=np.int64)
         self.resumed = len(self.rows)
