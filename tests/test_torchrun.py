@@ -134,3 +134,23 @@ def test_two_nodes_through_the_c10d_rendezvous_on_one_machine(folder, tmp_path, 
     _same_files(one, two)
     summary = json.loads((two / "ranks.json").read_text())
     assert summary["world_size"] == 2 and [p["queries"] for p in summary["processes"]] == [4, 2]
+
+
+def test_search_sharded_over_two_processes_equals_one_search(folder, tmp_path, capsys):
+    from locore.data import read_neighbours
+
+    one, two = tmp_path / "one.pkl", tmp_path / "two.pkl"
+    # top 50 of 80 images: more than one process's block of 40, so the merge must take from both
+    args = ["search", "--data", folder, "--desc", "demo", "--topk", "50", "--device", "cpu", "--no-progress"]
+    assert cli.main([*args, "--out", str(one)]) == 0
+    capsys.readouterr()
+    r = subprocess.run([*TORCHRUN, "--nproc-per-node=2", "-m", "locore", *args, "--out", str(two)],
+                       env=torchrun_env(), capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "flat search over 2 processes" in r.stdout
+    a, b = read_neighbours(str(one)), read_neighbours(str(two))
+    np.testing.assert_array_equal(b.ids, a.ids)
+    # the merge is exact; the similarities themselves may differ in the last float32 bit, since a GEMM's
+    # reduction order depends on the block shape and the thread count
+    np.testing.assert_allclose(b.sims, a.sims, rtol=0, atol=1e-6)
+    assert {int(i) >= 40 for i in b.ids[0]} == {False, True}  # both blocks contribute

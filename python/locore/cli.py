@@ -340,14 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     p.set_defaults(func=_cmd_eval)
 
-    from .search import add_search_args, cmd_search  # torch-only; FAISS imported only for ivf / hnsw
+    from .search import add_search_args  # torch-only; FAISS imported only for ivf / hnsw
 
     p = sub.add_parser("search", help="first stage: top-M inner-product search over the global descriptors",
                        description="Search the gallery (and --distractors) global descriptors with the query "
                                    "ones and write the first-stage lists [2, Q, M] (similarities, ids) that "
                                    "locore rerank reads. flat is exact (ties to the smaller id).")
     add_search_args(p)
-    p.set_defaults(func=cmd_search)
+    p.set_defaults(func=_cmd_search)
 
     sub.add_parser("bench", add_help=False,
                    help="run the checkout's benchmarks: locore bench [model|attention] ARGS (see benchmarks/README.md)")
@@ -368,6 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-seed", type=int, default=0, help="seed of the generated data (default 0)")
     p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    """``locore search``; under torchrun the flat search splits the database between the processes."""
+    from .search import SearchSettings, cmd_search
+
+    if not distributed.launched_by_torchrun():
+        return cmd_search(args)
+    settings = SearchSettings(topk=args.topk, index=args.index, block_mb=args.block_mb, device=args.device,
+                              overwrite=args.overwrite, progress=not args.no_progress)
+    pipeline.sharded_search(args.data, args.desc, settings, out=args.out, distractors=args.distractors, dim=args.dim)
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

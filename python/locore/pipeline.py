@@ -570,3 +570,71 @@ def rerank(model: ModelSettings, data: DataSettings, options: RerankOptions, out
 def _silent(_: str) -> None:
     """The log of ranks other than 0 (rank 0 speaks for the run)."""
 
+
+
+# --------------------------------------------------------------------------------------------------
+# locore search under torchrun: the database split between the processes
+# --------------------------------------------------------------------------------------------------
+
+class DatabaseBlock:
+    """Rows ``[start, stop)`` of a global-descriptor database, keeping their global ids (one process's
+    share of a sharded search). Reads only those rows, from one file or from a concatenation of parts."""
+
+    def __init__(self, db, start: int, stop: int):
+        self.db, self.start, self.stop = db, int(start), int(stop)
+        self.path, self.dim, self.num_images = db.path, db.dim, self.stop - self.start
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def iter_blocks(self, block_rows: int):
+        parts, starts = getattr(self.db, "parts", None), getattr(self.db, "starts", None)
+        if parts is None:
+            yield from self.db.iter_blocks(block_rows, self.start, self.stop)
+            return
+        for part, offset in zip(parts, starts):
+            lo, hi = max(self.start - int(offset), 0), min(self.stop - int(offset), len(part))
+            if lo < hi:
+                for s, rows in part.iter_blocks(block_rows, lo, hi):
+                    yield int(offset) + s, rows
+
+
+def sharded_search(data_dir: str, desc: str, settings, out: Optional[str] = None, distractors: Optional[str] = None,
+                   dim: Optional[int] = None, log: Log = print):
+    """``locore search`` under torchrun (exact flat search): rank r searches the contiguous block r of the
+    database for every query's top M, rank 0 merges the blocks' lists (:func:`distributed.merge_topk`: the
+    same (similarity descending, id ascending) order as one search over everything) and writes the file.
+    Returns the ``[2, Q, M]`` tensor on rank 0, None on the others."""
+    from .search import SearchError, _check_queries, exact_search, nn_tensor, open_search_files, write_nn
+
+    if settings.index != "flat":
+        raise SearchError(f"--index {settings.index} is not sharded under torchrun (each process would build "
+                          "the whole index); run it in one process, or use --index flat")
+    ctx = distributed.init(None if settings.device == "auto" else settings.device)
+    try:
+        log = log if ctx.is_main else _silent
+        out = out if out is not None else os.path.join(data_dir, f"nn_{desc}.pkl")
+        if os.path.exists(out) and not settings.overwrite:
+            raise SearchError(f"{out} exists; pass --overwrite to replace it (or choose another --out)")
+        query, db = open_search_files(data_dir, desc, distractors, dim)
+        queries = _check_queries(query.read(np.arange(len(query))), db, settings.topk, query.path)
+        block = distributed.query_block(len(db), ctx.rank, ctx.world_size)
+        mine = DatabaseBlock(db, block.start, block.stop)
+        if len(mine):
+            local = dataclasses.replace(settings, topk=min(settings.topk, len(mine)),
+                                        progress=settings.progress and ctx.is_main)
+            sims, ids = exact_search(queries, mine, local)
+        else:  # more processes than images
+            sims, ids = np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+        parts = ctx.gather((sims, ids))
+        nn = None
+        if ctx.is_main:
+            sims, ids = distributed.merge_topk(parts, settings.topk)
+            nn = nn_tensor(sims, ids)
+            write_nn(out, nn, overwrite=settings.overwrite)
+            log(f"flat search over {ctx.world_size} processes: {len(queries)} queries x {len(db)} images "
+                f"(blocks of {len(block)}), top {settings.topk}; wrote {out} [2, {len(queries)}, {settings.topk}]")
+        ctx.barrier()
+        return nn
+    finally:
+        ctx.close()
