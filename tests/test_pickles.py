@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from locore.data import DataError, UnsafePickleError, read_gnd, read_neighbours, safe_load_pickle
-from locore.data.pickles import ALLOWED_GLOBALS, TORCH_ARCHIVE_GLOBALS, budget_for
+from locore.unpickle import ALLOWED_GLOBALS, TORCH_ARCHIVE_GLOBALS, budget_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def test_every_spelling_of_a_dangerous_global_is_refused(tmp_path, module, name,
         assert _wait_for(marker), f"payload {module}.{name} at protocol {proto} did not run under plain pickle"
 
 
-# The documented allow-list (README "What the loaders refuse"; locore.data.pickles). A new entry must be a
+# The documented allow-list (README "What the loaders refuse"; locore.unpickle). A new entry must be a
 # deliberate change here too: every name below is either a data constructor with checked arguments or
 # a value that is never called.
 DOCUMENTED_GLOBALS = {

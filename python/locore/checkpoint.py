@@ -19,8 +19,8 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor
 
-from .data.errors import DataError, UnsafePickleError
-from .data.pickles import check_torch_file
+from .errors import DataError, UnsafePickleError
+from .unpickle import check_torch_file
 from .config import (LoCoReConfig, ProjectionConfig, apply_overrides, check_overrides,
                      fields_from_longformer_json)
 
@@ -177,7 +177,7 @@ def _read_safetensors(path: str) -> TensorSource:
 
 def _read_torch(path: str) -> TensorSource:
     """torch.load with weights_only=True, after a dry run of the file's pickle through the metered
-    restricted unpickler (locore.data.pickles): a file that needs arbitrary pickle code is refused, never
+    restricted unpickler (locore.unpickle): a file that needs arbitrary pickle code is refused, never
     run, and one whose pickle would build far more than the file holds (bytearray(10**10), a storage
     larger than its record) is refused before torch allocates it."""
     try:

@@ -36,7 +36,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .data.errors import DataError
+from .errors import DataError
 from .scoring import score_mode
 
 __all__ = [

@@ -31,7 +31,7 @@ from typing import Callable, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .data.errors import DataError
+from .errors import DataError
 from .data.folder import split_shards
 from .data.global_desc import ConcatGlobal, GlobalDescriptors, GlobalFeatures
 

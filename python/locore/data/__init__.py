@@ -24,14 +24,14 @@ tensors and refuses every other global with :class:`UnsafePickleError` (naming i
 """
 from __future__ import annotations
 
-from .errors import DataError, UnsafePickleError
+from ..errors import DataError, UnsafePickleError
 from .database import ConcatRows, Database, open_database
 from .folder import EXPECTED_LAYOUT, AmesFiles, ames_paths, locate_files, split_shards
 from .global_desc import GlobalFeatures, write_global
 from .lists import Neighbours, read_gnd, read_neighbours, read_ranks, write_gnd, write_neighbours
 from .local import (DESCRIPTOR_BOUND, LocalBatch, LocalFeatures, structured_dtype, validate_rows, write_local,
                     write_virtual_local)
-from .pickles import RestrictedUnpickler, safe_load_pickle
+from ..unpickle import RestrictedUnpickler, safe_load_pickle
 
 __all__ = [
     "DataError", "UnsafePickleError", "RestrictedUnpickler", "safe_load_pickle",

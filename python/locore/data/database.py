@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 from .folder import AmesFiles
 from .global_desc import GlobalFeatures
 from .local import DEFAULT_NUM_SCALES, LocalFeatures, _check_ids

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Union
 
-from .errors import DataError
+from ..errors import DataError
 
 EXPECTED_LAYOUT = """expected layout (AMES):
   DIR/{desc}_query_local.hdf5     HDF5 "features": float [num_queries, slots, 5 + D] or the structured

@@ -22,7 +22,7 @@ from typing import Iterator, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
-from .errors import DataError, UnsafePickleError
+from ..errors import DataError, UnsafePickleError
 from .local import _check_ids
 
 _ZIP_MAGIC = b"PK\x03\x04"

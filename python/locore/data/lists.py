@@ -8,8 +8,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import DataError
-from .pickles import safe_load_pickle
+from ..errors import DataError
+from ..unpickle import safe_load_pickle
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -1,4 +1,5 @@
-"""Errors of the data layer: every problem with a user's input files is a :class:`DataError` naming the file."""
+"""Errors for untrusted input files, shared by the data readers and the checkpoint loader: every problem
+with a user's file is a :class:`DataError` naming the file."""
 from __future__ import annotations
 
 import pickle
