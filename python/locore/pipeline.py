@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from . import distributed
-from .data import (AmesFiles, ConcatRows, Database, DataError, GlobalFeatures, LocalFeatures, Neighbours, locate_files,
+from .data import (AmesFiles, ConcatGlobal, Database, DataError, GlobalFeatures, LocalFeatures, Neighbours, locate_files,
                    open_database, read_gnd, read_neighbours)
 from .evaluate import (GLDV2_PRIVATE, GLDV2_PROTOCOLS, KAPPAS, SPLITS, gldv2_metrics, is_gldv2_gnd, protocol_first_stage,
                        protocol_runs, revisited_metrics)
@@ -187,7 +187,7 @@ class Dataset:
         return self.database.query_global
 
     @property
-    def gallery_global(self) -> Optional[ConcatRows]:
+    def gallery_global(self) -> Optional[ConcatGlobal]:
         return self.database.gallery_global
 
     def close(self) -> None:

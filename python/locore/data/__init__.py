@@ -25,9 +25,9 @@ tensors and refuses every other global with :class:`UnsafePickleError` (naming i
 from __future__ import annotations
 
 from ..errors import DataError, UnsafePickleError
-from .database import ConcatRows, Database, open_database
+from .database import Database, open_database
 from .folder import EXPECTED_LAYOUT, AmesFiles, ames_paths, locate_files, split_shards
-from .global_desc import GlobalFeatures, write_global
+from .global_desc import ConcatGlobal, GlobalFeatures, write_global
 from .lists import Neighbours, read_gnd, read_neighbours, read_ranks, write_gnd, write_neighbours
 from .local import (DESCRIPTOR_BOUND, LocalBatch, LocalFeatures, structured_dtype, validate_rows, write_local,
                     write_virtual_local)
@@ -38,5 +38,5 @@ __all__ = [
     "LocalBatch", "LocalFeatures", "GlobalFeatures", "Neighbours", "read_neighbours", "read_gnd", "read_ranks",
     "write_local", "write_virtual_local", "write_global", "write_neighbours", "write_gnd", "structured_dtype",
     "validate_rows", "DESCRIPTOR_BOUND", "AmesFiles", "ames_paths", "locate_files", "split_shards",
-    "EXPECTED_LAYOUT", "Database", "ConcatRows", "open_database",
+    "EXPECTED_LAYOUT", "Database", "ConcatGlobal", "open_database",
 ]

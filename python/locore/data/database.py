@@ -1,52 +1,17 @@
 """Opening a dataset's readers: queries, and the database (gallery shards, then +1M distractors) as one id range.
 
 Nothing is copied: the local files stay open and are read row by row, the global files are memory-mapped,
-and :class:`ConcatRows` routes each id to the file that holds it.
+and :class:`~locore.data.global_desc.ConcatGlobal` routes each id to the file that holds it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
-
-import numpy as np
+from typing import List, Optional
 
 from ..errors import DataError
 from .folder import AmesFiles
-from .global_desc import GlobalFeatures
-from .local import DEFAULT_NUM_SCALES, LocalFeatures, _check_ids
-
-
-class ConcatRows:
-    """Row readers (``read(ids) -> [n, dim]``, ``len``, ``dim``) joined in order as one id range."""
-
-    def __init__(self, parts: Sequence[GlobalFeatures]):
-        self.parts = list(parts)
-        dims = {p.dim for p in self.parts}
-        if len(dims) != 1:
-            raise DataError("global descriptor files disagree on dim: " +
-                            ", ".join(f"{p.path}: {p.dim}" for p in self.parts))
-        self.dim = dims.pop()
-        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
-        self.num_images = int(self.offsets[-1])
-        self.path = self.parts[0].path if len(self.parts) == 1 else f"{self.parts[0].path} (+{len(self.parts) - 1})"
-
-    def __len__(self) -> int:
-        return self.num_images
-
-    def read(self, ids: Sequence[int]) -> np.ndarray:
-        ids = _check_ids(self.path, ids, self.num_images)
-        out = np.empty((ids.size, self.dim), np.float32)
-        part = np.searchsorted(self.offsets, ids, side="right") - 1
-        for k, p in enumerate(self.parts):
-            sel = np.nonzero(part == k)[0]
-            if sel.size:
-                out[sel] = p.read(ids[sel] - self.offsets[k])
-        return out
-
-    def close(self) -> None:
-        for p in self.parts:
-            if hasattr(p, "close"):
-                p.close()
+from .global_desc import ConcatGlobal, GlobalFeatures
+from .local import DEFAULT_NUM_SCALES, LocalFeatures
 
 
 def _globals_for(paths: List[str], local_sizes: List[int], what: str) -> List[GlobalFeatures]:
@@ -68,7 +33,7 @@ class Database:
     query_local: LocalFeatures
     gallery_local: LocalFeatures
     query_global: Optional[GlobalFeatures]
-    gallery_global: Optional[ConcatRows]
+    gallery_global: Optional[ConcatGlobal]
     num_gallery: int
     num_distractors: int
 
@@ -118,7 +83,7 @@ def open_database(files: AmesFiles, num_descriptors: Optional[int] = None,
             parts = _globals_for(files.database_global[:n_g], g_local.part_sizes[:n_parts], "gallery")
             if len(files.database_local) > n_parts:
                 parts += _globals_for(files.database_global[n_g:], g_local.part_sizes[n_parts:], "distractor set")
-            g_global = ConcatRows(parts)
+            g_global = ConcatGlobal(parts)
             opened.append(g_global)
             if q_global.dim != g_global.dim:
                 raise DataError(f"query global descriptors have dim {q_global.dim} ({q_global.path}), database "

@@ -198,6 +198,11 @@ class ConcatGlobal:
                 out[sel] = p.read(ids[sel] - self.starts[k])
         return out
 
+    def close(self) -> None:
+        for p in self.parts:
+            if hasattr(p, "close"):
+                p.close()
+
     def iter_blocks(self, block_rows: int) -> Iterator[Tuple[int, np.ndarray]]:
         """As :meth:`GlobalFeatures.iter_blocks`, ids counted over the concatenation (a block never spans
         two files, so the last block of a part may be shorter)."""
