@@ -15,7 +15,7 @@ from .layout import check_window
 def longformer_attention_reference(
     q: Tensor, k: Tensor, v: Tensor,
     q_global: Tensor, k_global: Tensor, v_global: Tensor,
-    is_global: Tensor, key_padding: Tensor, one_sided_window: int,
+    is_global: Tensor, key_padding: Tensor, one_sided_window: int, dropout_p: float = 0.0,
 ) -> Tensor:
     """out[b, i] for q, k, v, *_global of shape [B, N, H, D]; masks [B, N] bool.
 
@@ -26,6 +26,9 @@ def longformer_attention_reference(
 
     NaN or inf in the inputs propagates to the rows that see it (as in the C++ kernel): only rows with
     no key at all are defined as 0 rather than computed.
+
+    ``dropout_p`` > 0 drops attention probabilities (inverted dropout, as Longformer's attention dropout
+    in training); 0 = the semantics above.
     """
     B, N, H, D = q.shape
     out_dtype = q.dtype
@@ -36,10 +39,10 @@ def longformer_attention_reference(
     key_padding = key_padding.bool()
 
     out = local_rows_attention(q, k, v, torch.arange(N, device=q.device), is_global, key_padding,
-                               one_sided_window)
+                               one_sided_window, dropout_p)
     if bool(is_global.any()):
         global_allowed = (~key_padding)[:, None, :].expand(B, N, N)               # [B, Nq, Nk]
-        out_global = _masked_attention(q_global, k_global, v_global, global_allowed)
+        out_global = _masked_attention(q_global, k_global, v_global, global_allowed, dropout_p)
         out = torch.where(is_global[:, :, None, None], out_global, out)
     out = out.masked_fill(key_padding[:, :, None, None], 0.0)
     return out.to(out_dtype)
@@ -47,7 +50,7 @@ def longformer_attention_reference(
 
 def local_rows_attention(
     q_rows: Tensor, k: Tensor, v: Tensor, rows: Tensor,
-    is_global: Tensor, key_padding: Tensor, one_sided_window: int,
+    is_global: Tensor, key_padding: Tensor, one_sided_window: int, dropout_p: float = 0.0,
 ) -> Tensor:
     """The non-global rule for the rows ``rows`` [R] only, O(R * N): q_rows [B, R, H, D] are their
     queries, k, v [B, N, H, D] every token's. Row i attends to every global token and to the valid
@@ -59,7 +62,7 @@ def local_rows_attention(
     in_band = (rows[:, None] - pos[None, :]).abs() <= w                 # [R, N]
     band_key = ~key_padding & ~is_global                                              # [B, N] keys of the band
     allowed = (in_band[None] & band_key[:, None, :]) | is_global[:, None, :]          # [B, R, N]
-    out = _masked_attention(q_rows.to(cdt), k.to(cdt), v.to(cdt), allowed)
+    out = _masked_attention(q_rows.to(cdt), k.to(cdt), v.to(cdt), allowed, dropout_p)
     return out.masked_fill(key_padding[:, rows, None, None], 0.0).to(q_rows.dtype)
 
 
@@ -67,14 +70,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _masked_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+def _masked_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, dropout_p: float = 0.0) -> Tensor:
     """softmax(q k^T / sqrt(D), masked to ``allowed`` [B, Nq, Nk]) v; rows with no allowed key give 0.
 
     Only those rows are zeroed (their softmax is 0/0); a NaN from q or an allowed k stays NaN.
+    ``dropout_p`` > 0 drops probabilities (training only).
     """
     scores = torch.einsum("bihd,bjhd->bhij", q, k) * q.shape[-1] ** -0.5
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     no_key = ~allowed.any(dim=-1)                                                     # [B, Nq]
     probs = probs.masked_fill(no_key[:, None, :, None], 0.0)
+    if dropout_p > 0:
+        probs = torch.nn.functional.dropout(probs, dropout_p)
     return torch.einsum("bhij,bjhd->bihd", probs, v)

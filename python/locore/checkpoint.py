@@ -22,7 +22,7 @@ from torch import Tensor
 from .errors import DataError, UnsafePickleError
 from .unpickle import check_torch_file
 from .config import (LoCoReConfig, ProjectionConfig, apply_overrides, check_overrides,
-                     fields_from_longformer_json)
+                     fields_from_longformer_json, longformer_json)
 
 LM = "language_model.longformer."
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -374,3 +374,34 @@ def state_dict_to_reference(model: torch.nn.Module) -> dict[str, Tensor]:
     """The model's weights under the SPEC key names: fp32, CPU, contiguous (savable as safetensors)."""
     return {k: t.to(device="cpu", dtype=torch.float32).contiguous().clone()
             for k, t in iter_reference(model, model.config)}
+
+
+def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike) -> str:
+    """Write ``folder/model.safetensors`` (SPEC key layout, fp32) + ``folder/config.json``, all or nothing:
+    both go into a temporary folder beside ``folder`` that is renamed over it once complete, so a
+    reader (``from_pretrained``, the published code) never sees half a checkpoint. Returns ``folder``."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = os.fspath(folder)
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(folder)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        save_file(state_dict_to_reference(model), os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(longformer_json(model.config), f, indent=1)
+        if os.path.isdir(folder):  # replace an older save of the same name: move it aside first
+            old = tmp + ".old"
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

@@ -211,3 +211,13 @@ def fields_from_longformer_json(cfg_json: dict[str, Any], source: str = "config.
         if k in cfg_json:
             out[k] = cfg_json[k]
     return out
+
+
+def longformer_json(cfg: LoCoReConfig) -> dict[str, Any]:
+    """The Longformer ``config.json`` that states ``cfg`` (what :func:`fields_from_longformer_json` reads
+    back): written beside saved weights, since heads and window cannot be told from shapes."""
+    out: dict[str, Any] = {"model_type": "longformer", "hidden_act": "gelu", "position_embedding_type": "absolute"}
+    out.update({theirs: getattr(cfg, ours) for theirs, ours in LONGFORMER_FIELDS.items()})
+    out["attention_window"] = [cfg.attention_window] * cfg.num_layers
+    out.update(query_global_attention=cfg.query_global_attention, l2_normalize=cfg.l2_normalize)
+    return out
