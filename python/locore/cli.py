@@ -32,8 +32,9 @@ USER_ERRORS = (DataError, SettingsError, UnsafePickleError, FileNotFoundError, d
 def _is_user_error(e: BaseException) -> bool:
     if isinstance(e, USER_ERRORS):
         return True
-    ckpt = sys.modules.get("locore.checkpoint")
-    return ckpt is not None and isinstance(e, ckpt.CheckpointError)
+    ckpt, train = sys.modules.get("locore.checkpoint"), sys.modules.get("locore.train")
+    return (ckpt is not None and isinstance(e, ckpt.CheckpointError)) or (train is not None
+                                                                          and isinstance(e, train.TrainError))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -300,11 +301,82 @@ def add_rerank_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+# --- locore train (issue 16): argparse -> locore.train.TrainSettings ------------------------------
+
+def add_train_parser(sub: Any) -> None:
+    # defaults live in locore.train.TrainSettings (torch is imported only when the command runs)
+    keep_default = argparse.SUPPRESS
+    p = sub.add_parser("train", help="fine-tune a LoCoRE model list-wise on first-stage lists (SPEC section 10)",
+                       description="List-wise fine-tuning: samples = a query + K images of its first-stage list "
+                                   "(at most --max-pos positives, shuffled), token labels, mean 2-class "
+                                   "cross-entropy; AdamW, constant lr. Checkpoints (published key layout + "
+                                   "config.json + optimizer state) go to OUT/step-NNNNNN/; a rerun resumes from "
+                                   "the last one. Under torchrun it trains data-parallel (DDP).\n\n" + EXPECTED_LAYOUT,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="preset:tiny", metavar="CKPT",
+                   help="start from a published-layout checkpoint (file or folder) or preset:tiny|small|base "
+                        "(random init; default preset:tiny)")
+    p.add_argument("--num-attention-heads", type=int, metavar="H", help="override (see locore rerank)")
+    p.add_argument("--attention-window", type=int, metavar="W", help="override (see locore rerank)")
+    p.add_argument("--num-layers", type=int, metavar="N", help="keep only the first N encoder layers")
+    p.add_argument("--data", required=True, metavar="DIR", help="training dataset folder (AMES layout)")
+    p.add_argument("--desc", required=True, metavar="NAME", help="descriptor name in the file names")
+    p.add_argument("--nn", metavar="FILE", help="first-stage lists (default DIR/nn_{desc}.pkl)")
+    p.add_argument("--gnd", metavar="FILE", help="ground truth: revisited easy/hard/junk or GLDv2 ok lists "
+                                                 "(default: the one DIR/gnd_*.pkl)")
+    p.add_argument("--query-labels", metavar="Q.npy", help="class labels of the queries (instead of a gnd)")
+    p.add_argument("--db-labels", metavar="D.npy", help="class labels of the database images")
+    p.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder (resumed from when it has one)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if DIR holds checkpoints")
+    for flag, typ, help_ in (
+            ("--list-size", int, "K gallery images per sample (default 100)"),
+            ("--topk", int, "sample from the first topk of each list (default 100)"),
+            ("--max-pos", int, "positives per sample at most (default 5)"),
+            ("--descriptors", int, "local descriptors per image (default 48)"),
+            ("--batch-size", int, "samples per process per micro-batch (default 8)"),
+            ("--grad-accum", int, "micro-batches per optimizer step (default 1)"),
+            ("--lr", float, "AdamW learning rate, constant (default 5e-5, published)"),
+            ("--weight-decay", float, "AdamW weight decay (default 0, published)"),
+            ("--max-grad-norm", float, "gradient clipping, 0 = off (default 1.0)"),
+            ("--epochs", float, "passes over the training queries (default 3, published)"),
+            ("--max-steps", int, "stop after N optimizer steps (overrides --epochs)"),
+            ("--max-seconds", float, "training time budget; saves when reached"),
+            ("--hidden-dropout", float, "dropout of the hidden states (default 0.1)"),
+            ("--attention-dropout", float, "dropout of the attention probabilities (default 0; > 0 trains on the "
+                                           "dense O(N^2) reference attention)"),
+            ("--holdout", int, "queries held out for the held-out mAP (default 0)"),
+            ("--eval-every", int, "held-out mAP every N steps (default: at the end)"),
+            ("--save-every", int, "checkpoint every N steps (default: at the end)"),
+            ("--keep", int, "step checkpoints kept (default 2)"),
+            ("--seed", int, "seed of samples, dropout and preset weights (default 0)")):
+        p.add_argument(flag, type=typ, default=keep_default, metavar="X", help=help_)
+    p.add_argument("--attention", choices=("cpu", "triton", "reference"), default=keep_default,
+                   help="trainable attention backend (default: the memory-lean backward for the device)")
+    p.add_argument("--no-global", action="store_true", help="no global descriptors (no global token)")
+    p.add_argument("--device", metavar="D", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainSettings, train
+
+    overrides = {k: getattr(args, k) for k in ("num_attention_heads", "attention_window", "num_layers")
+                 if getattr(args, k) is not None}
+    names = {f.name for f in dataclasses.fields(TrainSettings)}
+    given = {k: v for k, v in vars(args).items() if k in names and k not in ("device",)}
+    s = TrainSettings(**given, out_dir=args.out, device=args.device, overrides=overrides,
+                      resume=not args.no_resume, use_global=not args.no_global, progress=not args.no_progress)
+    result = train(s)
+    print(f"checkpoint: {result.checkpoint} (step {result.steps}; use it as --checkpoint)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="locore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="LOCORE_DEBUG=1 shows tracebacks for input errors.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{rerank,search,eval,bench,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{rerank,search,eval,bench,demo,train}")
 
     p = sub.add_parser("rerank", help="re-rank first-stage lists of an AMES-layout dataset and evaluate them",
                        description="Re-rank the first-stage neighbour lists of a dataset with LoCoRE, write the "
@@ -367,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="database images (default 300; at least 14 per query: the planted matches)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the generated data (default 0)")
     p.set_defaults(func=_cmd_demo)
+    add_train_parser(sub)
     return parser
 
 

@@ -270,8 +270,10 @@ class TokenClassifier(nn.Module):
 
 
 def token_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean 2-class cross-entropy over the labelled tokens (fp32)."""
-    return F.cross_entropy(logits.reshape(-1, 2).float(), labels.reshape(-1), ignore_index=IGNORE)
+    """Mean 2-class cross-entropy over the labelled tokens (in fp32 for bf16/fp16 logits)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), ignore_index=IGNORE)
 
 
 # ---------------------------------------------------------------------------------------------
