@@ -187,7 +187,8 @@ def main() -> int:
         if "step_s" not in r:
             print(f"{r['impl']}: {r.get('skipped') or r.get('failed')}")
     env = environment(device)
-    out = Path(args.out) if args.out else HERE / "results" / f"train-{'cuda' if cuda else 'cpu'}-{env.get('device_slug', 'host')}.json"
+    layers = f"-{args.layers}layer" if args.layers else ""
+    out = Path(args.out) if args.out else HERE / "results" / f"{'' if cuda else 'cpu-'}{env['device_slug']}-train-{args.model}{layers}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"environment": env, "settings": vars(args), "rows": rows}, indent=1, default=str))
