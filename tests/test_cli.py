@@ -220,8 +220,8 @@ def test_real_checkpoint_file(folder, tmp_path, capsys):
 def test_every_flag_is_documented():
     parser = cli.build_parser()
     subs = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
-    assert set(subs.choices) == {"rerank", "search", "eval", "bench", "demo"}
-    for name in ("rerank", "search", "eval", "demo"):
+    assert set(subs.choices) == {"rerank", "search", "eval", "bench", "demo", "train"}
+    for name in ("rerank", "search", "eval", "demo", "train"):
         for action in subs.choices[name]._actions:
             assert action.help, f"locore {name} {action.option_strings} has no help text"
     help_text = subs.choices["rerank"].format_help()

@@ -359,6 +359,8 @@ def add_train_parser(sub: Any) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from .train import TrainSettings, train
 
     overrides = {k: getattr(args, k) for k in ("num_attention_heads", "attention_window", "num_layers")

@@ -38,7 +38,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from locore_kernels import AttentionLayout, attention_with_layout, longformer_attention_reference, scatter_global
+from locore_kernels import AttentionLayout, longformer_attention_reference, scatter_global
+from locore_kernels.autograd import attention_with_layout_trainable
 
 from .checkpoint import save_pretrained
 from .data import DataError, Database, locate_files, open_database, read_gnd, read_neighbours
@@ -225,11 +226,9 @@ def dense_attention_with_dropout(p: float) -> Callable[..., Tensor]:
 
 
 def trainable_attention(backend: Optional[str]) -> Callable[..., Tensor]:
-    """The memory-lean differentiable attention op when it is there, else the dense reference autograd."""
-    try:
-        from locore_kernels.autograd import attention_with_layout_trainable
-    except ImportError:
-        return functools.partial(attention_with_layout, backend="reference")
+    """The differentiable attention op: the flash-style kernel backward (C++ on CPU, Triton on CUDA; saved
+    state O(N), probabilities recomputed tile by tile) for backend None / "cpu" / "triton", the dense
+    reference's autograd for "reference"."""
     return functools.partial(attention_with_layout_trainable, backend=backend)
 
 
