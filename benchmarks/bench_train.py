@@ -41,7 +41,8 @@ def child(args: argparse.Namespace) -> dict:
     from locore.train import TokenClassifier, token_labels, token_loss, trainable_attention
 
     device = torch.device("cuda" if args.cuda else "cpu")
-    model = LoCoRe.preset(args.model, device=device, seed=0, num_layers=args.layers).requires_grad_(True)
+    layers = {"num_layers": args.layers} if args.layers else {}
+    model = LoCoRe.preset(args.model, device=device, seed=0, **layers).requires_grad_(True)
     cfg = model.config
     S, K, B = args.descriptors, args.gallery, args.batch
     g = torch.Generator().manual_seed(0)
