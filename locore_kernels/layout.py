@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -20,9 +21,10 @@ class AttentionLayout:
     key_padding:      [B, N] bool  - True = padding: never attended to, output exactly 0
     band_key:         [B, N] bool  - valid and not global: may be attended to inside the band
     global_idx:       [B, G] int32 - positions of the global tokens of each item, ascending, then
-                                     filled with 0 beyond ``num_global[b]`` (G = max over the batch)
+                                     filled with 0 beyond ``num_global[b]`` (G >= max over the batch)
     num_global:       [B]    int32 - number of global tokens per item
-    max_global:       int          - G (python int, so kernels can size grids without a sync)
+    max_global:       int          - G (python int, so kernels can size grids without a sync): the
+                                     batch maximum, or a static bound on it (``build_layout``)
     one_sided_window: int          - w: non-global rows see band keys j with |i - j| <= w
     """
 
@@ -66,8 +68,23 @@ def check_window(one_sided_window: int, name: str = "one_sided_window") -> int:
     return one_sided_window
 
 
-def build_layout(is_global: Tensor, key_padding: Tensor, one_sided_window: int) -> AttentionLayout:
-    """Validate the masks and derive the layout. One host sync (for G); call once per forward."""
+def require(ok: Tensor, message: str) -> None:
+    """A check on tensor values (``ok`` a 0-d bool tensor). Eager: ValueError(message) when false (one
+    host sync). Under ``torch.compile``: an assertion inside the graph (RuntimeError(message) at run
+    time), so tracing needs no host sync and makes no graph break."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(message)
+
+
+def build_layout(is_global: Tensor, key_padding: Tensor, one_sided_window: int,
+                 max_global: Optional[int] = None) -> AttentionLayout:
+    """Validate the masks and derive the layout; call once per forward.
+
+    max_global: None = G is the batch's largest global-token count (one host sync); an int = a static
+    bound on that count, used as G (no value-dependent shape: ``torch.compile`` traces the build).
+    """
     one_sided_window = check_window(one_sided_window)
     for name, m in (("is_global", is_global), ("key_padding", key_padding)):
         if not isinstance(m, Tensor):
@@ -80,12 +97,17 @@ def build_layout(is_global: Tensor, key_padding: Tensor, one_sided_window: int) 
         raise ValueError(f"is_global {tuple(is_global.shape)} and key_padding {tuple(key_padding.shape)} differ in shape")
     if is_global.device != key_padding.device:
         raise ValueError(f"is_global is on {is_global.device} but key_padding on {key_padding.device}")
-    if bool((is_global & key_padding).any()):
-        raise ValueError("a padded token cannot be global: is_global & key_padding must be all False")
+    require(~(is_global & key_padding).any(),
+            "a padded token cannot be global: is_global & key_padding must be all False")
 
     B, N = is_global.shape
     num_global = is_global.sum(dim=1, dtype=torch.int32)
-    max_global = int(num_global.max()) if B > 0 else 0
+    if max_global is None:
+        max_global = int(num_global.max()) if B > 0 else 0
+    else:
+        if not 0 <= max_global <= N:
+            raise ValueError(f"max_global must lie in [0, N={N}], got {max_global}")
+        require((num_global <= max_global).all(), f"more global tokens than max_global={max_global}")
     # Stable sort puts global positions first, in ascending order.
     order = torch.argsort((~is_global).to(torch.int8), dim=1, stable=True)
     global_idx = order[:, :max_global].to(torch.int32)

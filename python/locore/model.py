@@ -40,7 +40,7 @@ from .config import LoCoReConfig, apply_overrides, preset_config
 from .cuda_graphs import GraphCache
 from .encoder import AttentionFn, EncoderLayer, RowsAttentionFn
 from .scoring import MODE_NAMES, score_mode
-from .sequence import (ArrayLike, Batch, as_device, as_dtype, embed, make_projection, masks,
+from .sequence import (ArrayLike, Batch, as_device, as_dtype, embed, make_projection, masks, max_global_tokens,
                        pin_malloc_mmap_threshold, prepare_batch, read_rows)
 
 MODES = MODE_NAMES  # the score modes (names of scoring.SCORE_MODES)
@@ -189,7 +189,11 @@ class LoCoRe(nn.Module):
         return masks(batch, self.config.query_global_attention)
 
     def build_layout(self, batch: Batch) -> AttentionLayout:
-        return build_layout(*self.masks(batch), self.config.one_sided_window)
+        # Eager: G = the largest global-token count (one host sync). Traced by torch.compile: a bound
+        # from the shapes (no value-dependent size; the kernels skip the slots past each num_global).
+        bound = max_global_tokens(batch, self.config.query_global_attention) \
+            if torch.compiler.is_compiling() else None
+        return build_layout(*self.masks(batch), self.config.one_sided_window, max_global=bound)
 
     def encode(self, x: Tensor, layout: AttentionLayout, rows: Optional[Tensor] = None) -> Tensor:
         """Encoder + classifier: logits [B, N, 2], or [B, len(rows), 2] for non-global ``rows`` only."""
@@ -216,13 +220,14 @@ class LoCoRe(nn.Module):
 
     @contextlib.contextmanager
     def _precision(self):
-        """fp32 on CUDA without TF32 (the "exact" mode) unless ``allow_tf32``; inference mode."""
+        """fp32 on CUDA without TF32 (the "exact" mode) unless ``allow_tf32``; inference mode (no_grad
+        while torch.compile traces: its in-place buffer writes cannot run on inference tensors)."""
         exact = self.device.type == "cuda" and self.dtype == torch.float32 and not self.allow_tf32
         saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         try:
             if exact:
                 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-            with torch.inference_mode():
+            with torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode():
                 yield
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

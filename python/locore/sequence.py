@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from locore_kernels.layout import require
+
 from .config import LoCoReConfig, ProjectionConfig
 
 ArrayLike = Union[Tensor, np.ndarray]
@@ -112,8 +114,7 @@ def _check_shape(name: str, t: Tensor, shape: tuple, what: str) -> None:
 def _descriptors(name: str, t: Tensor) -> Tensor:
     if not t.is_floating_point():
         raise ValueError(f"{name} must be floating point, got dtype {t.dtype}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
+    require(torch.isfinite(t).all(), f"{name} contains NaN or infinite values")
     return t
 
 
@@ -121,19 +122,23 @@ def _scale_indices(name: str, t: Tensor, num_scales: int) -> Tensor:
     if t.dtype == torch.bool or t.is_complex():
         raise ValueError(f"{name} must hold integer scale indices, got dtype {t.dtype}")
     if t.is_floating_point():  # AMES files store the scale column as float
-        if not bool((t == t.round()).all()):
-            raise ValueError(f"{name} must hold integer scale indices, got non-integer values")
+        require((t == t.round()).all(), f"{name} must hold integer scale indices, got non-integer values")
     t = t.long()
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_scales):
-        raise ValueError(f"{name} values must lie in 0..{num_scales - 1} (the checkpoint has {num_scales} "
-                         f"scales), got range {int(t.min())}..{int(t.max())}")
+    if t.numel():
+        expected = f"{name} values must lie in 0..{num_scales - 1} (the checkpoint has {num_scales} scales)"
+        if torch.compiler.is_compiling():  # the range found needs host syncs: eager message only
+            require(((t >= 0) & (t < num_scales)).all(), expected)
+        elif int(t.min()) < 0 or int(t.max()) >= num_scales:
+            raise ValueError(f"{expected}, got range {int(t.min())}..{int(t.max())}")
     return t
 
 
 def _padding_mask(name: str, t: Tensor) -> Tensor:
     if t.dtype != torch.bool:
-        if t.is_complex() or not bool(((t == 0) | (t == 1)).all()):
-            raise ValueError(f"{name} must be 0/1 or bool (1 = padding, the AMES convention)")
+        message = f"{name} must be 0/1 or bool (1 = padding, the AMES convention)"
+        if t.is_complex():
+            raise ValueError(message)
+        require(((t == 0) | (t == 1)).all(), message)
         t = t != 0
     return t
 
@@ -245,6 +250,12 @@ def masks(batch: Batch, query_global_attention: bool) -> tuple[Tensor, Tensor]:
     if query_global_attention:
         is_global[:, 0, :T - 1] = ~key_padding[:, 0, :T - 1]
     return is_global.reshape(B, -1), key_padding.reshape(B, -1)
+
+
+def max_global_tokens(batch: Batch, query_global_attention: bool) -> int:
+    """The most global tokens ``masks`` can give an item, from shapes alone: every [SEP], and with
+    query_global_attention the query block's T-1 other tokens (a static bound for torch.compile)."""
+    return 1 + batch.K + (batch.T - 1) * query_global_attention
 
 
 def read_rows(K: int, T: int, columns: range, device: torch.device) -> Tensor:
