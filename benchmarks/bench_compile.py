@@ -91,11 +91,14 @@ def main() -> None:
         cache = tempfile.TemporaryDirectory(prefix="locore-inductor-")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
     device = torch.device("cpu")
+    load_before = os.getloadavg()[0]   # the machine may be shared: the 1-minute load average, before and after
     rows = []
     for case in args.cases:
         name, gallery = case.split(":")
         rows += measure(name, int(gallery), args.runs)
         print(f"{case}: done", flush=True)
+    print(f"1-minute load average: {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+          f"({os.cpu_count()} CPUs)")
     print(bm.format_table(rows, ["model", "tokens", "impl", "median_ms", "p10_ms", "p90_ms", "vs_eager",
                                  "compile_s", "max_abs_diff"],
                           ["model", "N", "impl", "median ms", "p10 ms", "p90 ms", "speed-up", "compile s",
@@ -103,6 +106,7 @@ def main() -> None:
     if not args.no_write:
         env = bm.environment(device)
         env["inductor_cache"] = "warm (default folder)" if args.warm_cache else "cold (fresh folder)"
+        env["load_avg_1m"] = {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()}
         path = bm.results_path(device).with_name(bm.results_path(device).stem + "-compile.json")
         bm.write_results(path, env, rows)
         print(f"wrote {path}")
