@@ -42,6 +42,7 @@
 #endif
 
 #include "attention.h"
+#include "pyarray.h"
 
 namespace locore {
 namespace {
@@ -540,25 +541,6 @@ template void longformer_attention_forward_lse<double>(const AttentionGradArgs<d
 namespace py = pybind11;
 namespace {
 
-std::string shape_str(const std::vector<py::ssize_t>& s) {
-  std::string out = "(";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + (s.size() == 1 ? ",)" : ")");
-}
-
-template <typename T>
-T* array_ptr(const py::array& arr, const char* name, const std::vector<py::ssize_t>& shape, bool writeable) {
-  if (!py::isinstance<py::array_t<T>>(arr))
-    throw std::invalid_argument(std::string(name) + " has dtype " + std::string(py::str(arr.dtype())) +
-                                ", expected " + std::string(py::str(py::dtype::of<T>())));
-  std::vector<py::ssize_t> got(arr.shape(), arr.shape() + arr.ndim());
-  if (got != shape)
-    throw std::invalid_argument(std::string(name) + " has shape " + shape_str(got) + ", expected " + shape_str(shape));
-  if (!(arr.flags() & py::array::c_style)) throw std::invalid_argument(std::string(name) + " must be C-contiguous");
-  if (writeable && !arr.writeable()) throw std::invalid_argument(std::string(name) + " must be writeable");
-  return static_cast<T*>(const_cast<void*>(arr.data()));
-}
-
 // Inputs common to every entry: q, k, v, qg, kg, vg and the layout arrays.
 template <typename T>
 AttentionGradArgs<T> common_args(const py::array& q, const py::array& k, const py::array& v, const py::array& qg,
@@ -570,17 +552,17 @@ AttentionGradArgs<T> common_args(const py::array& q, const py::array& k, const p
   if (q.ndim() != 4 || qg.ndim() != 4) throw std::invalid_argument("q and q_global must have shape [B, N|G, H, D]");
   a.B = q.shape(0); a.N = q.shape(1); a.H = q.shape(2); a.D = q.shape(3); a.G = qg.shape(1);
   const std::vector<py::ssize_t> bnhd{a.B, a.N, a.H, a.D}, bghd{a.B, a.G, a.H, a.D}, bn{a.B, a.N};
-  a.q = array_ptr<T>(q, "q", bnhd, false);
-  a.k = array_ptr<T>(k, "k", bnhd, false);
-  a.v = array_ptr<T>(v, "v", bnhd, false);
-  a.qg = array_ptr<T>(qg, "q_global", bghd, false);
-  a.kg = array_ptr<T>(kg, "k_global", bnhd, false);
-  a.vg = array_ptr<T>(vg, "v_global", bnhd, false);
-  a.global_idx = array_ptr<int32_t>(global_idx, "global_idx", {a.B, a.G}, false);
-  a.num_global = array_ptr<int32_t>(num_global, "num_global", {a.B}, false);
-  a.band_key = array_ptr<uint8_t>(band_key, "band_key", bn, false);
-  a.key_padding = array_ptr<uint8_t>(key_padding, "key_padding", bn, false);
-  a.is_global = array_ptr<uint8_t>(is_global, "is_global", bn, false);
+  a.q = checked_array<T>(q, "q", bnhd, false);
+  a.k = checked_array<T>(k, "k", bnhd, false);
+  a.v = checked_array<T>(v, "v", bnhd, false);
+  a.qg = checked_array<T>(qg, "q_global", bghd, false);
+  a.kg = checked_array<T>(kg, "k_global", bnhd, false);
+  a.vg = checked_array<T>(vg, "v_global", bnhd, false);
+  a.global_idx = checked_array<int32_t>(global_idx, "global_idx", {a.B, a.G}, false);
+  a.num_global = checked_array<int32_t>(num_global, "num_global", {a.B}, false);
+  a.band_key = checked_array<uint8_t>(band_key, "band_key", bn, false);
+  a.key_padding = checked_array<uint8_t>(key_padding, "key_padding", bn, false);
+  a.is_global = checked_array<uint8_t>(is_global, "is_global", bn, false);
   a.window = window;
   a.num_threads = num_threads;
   return a;
@@ -593,8 +575,8 @@ void forward_lse_t(const py::array& q, const py::array& k, const py::array& v, c
                    const py::array& key_padding, const py::array& is_global, int64_t window, int num_threads) {
   auto a = common_args<T>(q, k, v, qg, kg, vg, global_idx, num_global, band_key, key_padding, is_global, window,
                           num_threads);
-  T* o = array_ptr<T>(out, "out", {a.B, a.N, a.H, a.D}, true);
-  T* l = array_ptr<T>(lse, "lse", {a.B, a.H, a.N}, true);
+  T* o = checked_array<T>(out, "out", {a.B, a.N, a.H, a.D}, true);
+  T* l = checked_array<T>(lse, "lse", {a.B, a.H, a.N}, true);
   py::gil_scoped_release release;
   longformer_attention_forward_lse<T>(a, o, l);
 }
@@ -608,15 +590,15 @@ void backward_t(const py::array& q, const py::array& k, const py::array& v, cons
   auto a = common_args<T>(q, k, v, qg, kg, vg, global_idx, num_global, band_key, key_padding, is_global, window,
                           num_threads);
   const std::vector<py::ssize_t> bnhd{a.B, a.N, a.H, a.D}, bghd{a.B, a.G, a.H, a.D};
-  a.out = array_ptr<T>(out, "out", bnhd, false);
-  a.lse = array_ptr<T>(lse, "lse", {a.B, a.H, a.N}, false);
-  a.dout = array_ptr<T>(dout, "grad_out", bnhd, false);
-  a.dq = array_ptr<T>(dq, "dq", bnhd, true);
-  a.dk = array_ptr<T>(dk, "dk", bnhd, true);
-  a.dv = array_ptr<T>(dv, "dv", bnhd, true);
-  a.dqg = array_ptr<T>(dqg, "dq_global", bghd, true);
-  a.dkg = array_ptr<T>(dkg, "dk_global", bnhd, true);
-  a.dvg = array_ptr<T>(dvg, "dv_global", bnhd, true);
+  a.out = checked_array<T>(out, "out", bnhd, false);
+  a.lse = checked_array<T>(lse, "lse", {a.B, a.H, a.N}, false);
+  a.dout = checked_array<T>(dout, "grad_out", bnhd, false);
+  a.dq = checked_array<T>(dq, "dq", bnhd, true);
+  a.dk = checked_array<T>(dk, "dk", bnhd, true);
+  a.dv = checked_array<T>(dv, "dv", bnhd, true);
+  a.dqg = checked_array<T>(dqg, "dq_global", bghd, true);
+  a.dkg = checked_array<T>(dkg, "dk_global", bnhd, true);
+  a.dvg = checked_array<T>(dvg, "dv_global", bnhd, true);
   py::gil_scoped_release release;
   longformer_attention_backward<T>(a);
 }
@@ -636,8 +618,8 @@ void register_backward(py::module_& m) {
                                     window, num_threads);
         AttentionArgs f;
         f.q = a.q; f.k = a.k; f.v = a.v; f.qg = a.qg; f.kg = a.kg; f.vg = a.vg;
-        f.out = array_ptr<float>(out, "out", {a.B, a.N, a.H, a.D}, true);
-        f.lse = array_ptr<float>(lse, "lse", {a.B, a.H, a.N}, true);
+        f.out = checked_array<float>(out, "out", {a.B, a.N, a.H, a.D}, true);
+        f.lse = checked_array<float>(lse, "lse", {a.B, a.H, a.N}, true);
         f.global_idx = a.global_idx; f.num_global = a.num_global; f.band_key = a.band_key;
         f.key_padding = a.key_padding; f.is_global = a.is_global;
         f.B = a.B; f.N = a.N; f.H = a.H; f.D = a.D; f.G = a.G;

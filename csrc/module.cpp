@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "pyarray.h"
 #include "attention_backward.h"
 
 #if LOCORE_OPENMP
@@ -26,33 +27,29 @@ static int openmp_max_threads() {
 
 namespace {
 
-std::string shape_str(const std::vector<py::ssize_t>& s) {
-  std::string out = "(";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + (s.size() == 1 ? ",)" : ")");
-}
-
-// Checks dtype T, C-contiguity and the exact shape; returns the data pointer (no copy is ever made).
-template <typename T>
-const T* checked(const py::array& arr, const char* name, const std::vector<py::ssize_t>& shape,
-                 const char* dtype_name) {
-  if (!py::isinstance<py::array_t<T>>(arr))
-    throw std::invalid_argument(std::string(name) + " must be a " + dtype_name + " array, got dtype " +
-                                std::string(py::str(arr.dtype())));
-  std::vector<py::ssize_t> got(arr.shape(), arr.shape() + arr.ndim());
-  if (got != shape)
-    throw std::invalid_argument(std::string(name) + " has shape " + shape_str(got) + ", expected " +
-                                shape_str(shape));
-  if (!(arr.flags() & py::array::c_style))
-    throw std::invalid_argument(std::string(name) + " must be C-contiguous");
-  return static_cast<const T*>(arr.data());
-}
+using locore::checked_array;  // the numpy checks, shared with the backward's bindings (pyarray.h)
 
 py::ssize_t dim(const py::array& a, int i, const char* name, int ndim) {
   if (a.ndim() != ndim)
     throw std::invalid_argument(std::string(name) + " must have " + std::to_string(ndim) + " dimensions, got " +
                                 std::to_string(a.ndim()));
   return a.shape(i);
+}
+
+// The layout arrays and settings both entries take (a.B, a.N, a.G already set): [B, G] global_idx,
+// [B] num_global, [B, N] uint8 masks.
+template <typename Args>
+void bind_layout(Args& a, const py::array& global_idx, const py::array& num_global, const py::array& band_key,
+                 const py::array& key_padding, const py::array& is_global, int64_t one_sided_window,
+                 int num_threads) {
+  const std::vector<py::ssize_t> bn{a.B, a.N};
+  a.global_idx = checked_array<int32_t>(global_idx, "global_idx", {a.B, a.G});
+  a.num_global = checked_array<int32_t>(num_global, "num_global", {a.B});
+  a.band_key = checked_array<uint8_t>(band_key, "band_key", bn);
+  a.key_padding = checked_array<uint8_t>(key_padding, "key_padding", bn);
+  a.is_global = checked_array<uint8_t>(is_global, "is_global", bn);
+  a.window = one_sided_window;
+  a.num_threads = num_threads;
 }
 
 void attention_fp32(const py::array& q, const py::array& k, const py::array& v, const py::array& q_global,
@@ -66,23 +63,15 @@ void attention_fp32(const py::array& q, const py::array& k, const py::array& v, 
   a.H = q.shape(2);
   a.D = q.shape(3);
   a.G = dim(q_global, 1, "q_global", 4);
-  const std::vector<py::ssize_t> bnhd{a.B, a.N, a.H, a.D}, bghd{a.B, a.G, a.H, a.D}, bn{a.B, a.N};
-  a.q = checked<float>(q, "q", bnhd, "float32");
-  a.k = checked<float>(k, "k", bnhd, "float32");
-  a.v = checked<float>(v, "v", bnhd, "float32");
-  a.qg = checked<float>(q_global, "q_global", bghd, "float32");
-  a.kg = checked<float>(k_global, "k_global", bnhd, "float32");
-  a.vg = checked<float>(v_global, "v_global", bnhd, "float32");
-  checked<float>(out, "out", bnhd, "float32");
-  if (!out.writeable()) throw std::invalid_argument("out must be writeable");
-  a.out = static_cast<float*>(out.mutable_data());
-  a.global_idx = checked<int32_t>(global_idx, "global_idx", {a.B, a.G}, "int32");
-  a.num_global = checked<int32_t>(num_global, "num_global", {a.B}, "int32");
-  a.band_key = checked<uint8_t>(band_key, "band_key", bn, "uint8");
-  a.key_padding = checked<uint8_t>(key_padding, "key_padding", bn, "uint8");
-  a.is_global = checked<uint8_t>(is_global, "is_global", bn, "uint8");
-  a.window = one_sided_window;
-  a.num_threads = num_threads;
+  const std::vector<py::ssize_t> bnhd{a.B, a.N, a.H, a.D}, bghd{a.B, a.G, a.H, a.D};
+  a.q = checked_array<float>(q, "q", bnhd);
+  a.k = checked_array<float>(k, "k", bnhd);
+  a.v = checked_array<float>(v, "v", bnhd);
+  a.qg = checked_array<float>(q_global, "q_global", bghd);
+  a.kg = checked_array<float>(k_global, "k_global", bnhd);
+  a.vg = checked_array<float>(v_global, "v_global", bnhd);
+  a.out = checked_array<float>(out, "out", bnhd, /*writeable=*/true);
+  bind_layout(a, global_idx, num_global, band_key, key_padding, is_global, one_sided_window, num_threads);
   const size_t out_bytes = size_t(a.B * a.N * a.H * a.D) * sizeof(float);
   const size_t qg_bytes = size_t(a.B * a.G * a.H * a.D) * sizeof(float);
   const std::pair<const float*, size_t> ins[] = {{a.q, out_bytes},  {a.k, out_bytes},  {a.v, out_bytes},
@@ -108,21 +97,13 @@ void rows_fp32(const py::array& q_rows, const py::array& k, const py::array& v, 
   a.D = k.shape(3);
   a.R = dim(rows, 0, "rows", 1);
   a.G = dim(global_idx, 1, "global_idx", 2);
-  const std::vector<py::ssize_t> bnhd{a.B, a.N, a.H, a.D}, brhd{a.B, a.R, a.H, a.D}, bn{a.B, a.N};
-  a.q_rows = checked<float>(q_rows, "q_rows", brhd, "float32");
-  a.k = checked<float>(k, "k", bnhd, "float32");
-  a.v = checked<float>(v, "v", bnhd, "float32");
-  a.rows = checked<int32_t>(rows, "rows", {a.R}, "int32");
-  checked<float>(out, "out", brhd, "float32");
-  if (!out.writeable()) throw std::invalid_argument("out must be writeable");
-  a.out = static_cast<float*>(out.mutable_data());
-  a.global_idx = checked<int32_t>(global_idx, "global_idx", {a.B, a.G}, "int32");
-  a.num_global = checked<int32_t>(num_global, "num_global", {a.B}, "int32");
-  a.band_key = checked<uint8_t>(band_key, "band_key", bn, "uint8");
-  a.key_padding = checked<uint8_t>(key_padding, "key_padding", bn, "uint8");
-  a.is_global = checked<uint8_t>(is_global, "is_global", bn, "uint8");
-  a.window = one_sided_window;
-  a.num_threads = num_threads;
+  const std::vector<py::ssize_t> bnhd{a.B, a.N, a.H, a.D}, brhd{a.B, a.R, a.H, a.D};
+  a.q_rows = checked_array<float>(q_rows, "q_rows", brhd);
+  a.k = checked_array<float>(k, "k", bnhd);
+  a.v = checked_array<float>(v, "v", bnhd);
+  a.rows = checked_array<int32_t>(rows, "rows", {a.R});
+  a.out = checked_array<float>(out, "out", brhd, /*writeable=*/true);
+  bind_layout(a, global_idx, num_global, band_key, key_padding, is_global, one_sided_window, num_threads);
   const size_t out_bytes = size_t(a.B * a.R * a.H * a.D) * sizeof(float);
   const size_t kv_bytes = size_t(a.B * a.N * a.H * a.D) * sizeof(float);
   const std::pair<const float*, size_t> ins[] = {{a.q_rows, out_bytes}, {a.k, kv_bytes}, {a.v, kv_bytes}};
