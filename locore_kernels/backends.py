@@ -16,6 +16,7 @@ own modules check only what they need not to crash.
 from __future__ import annotations
 
 import importlib.util
+from abc import ABC, abstractmethod
 from typing import Optional
 
 import torch
@@ -29,7 +30,7 @@ TRITON_HEAD_DIMS = (16, 32, 64, 128)
 HALF_AND_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
 
 
-class AttentionBackend:
+class AttentionBackend(ABC):
     """One implementation of the attention op and the rows op."""
 
     name: str = ""
@@ -66,12 +67,14 @@ class AttentionBackend:
     def device_reason(self, device: torch.device, devices: tuple[str, ...]) -> str:
         return f"backend={self.name!r} needs {'/'.join(d.upper() for d in devices)} tensors, got device {device}"
 
+    @abstractmethod
     def attention(self, q: Tensor, k: Tensor, v: Tensor, q_global_gathered: Tensor, k_global: Tensor,
                   v_global: Tensor, layout: AttentionLayout) -> Tensor:
-        raise NotImplementedError
+        """Every row of the op, [B, N, H, D] in q's dtype."""
 
+    @abstractmethod
     def rows(self, q_rows: Tensor, k: Tensor, v: Tensor, rows: Tensor, layout: AttentionLayout) -> Tensor:
-        raise NotImplementedError
+        """The non-global rule for the listed rows only, [B, R, H, D]."""
 
 
 class TritonBackend(AttentionBackend):
